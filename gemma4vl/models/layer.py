@@ -1,0 +1,114 @@
+"""The Gemma 4 decoder layer and the decoder block spec.
+
+    h   = x + post_attn_norm(attention(input_norm(x)))
+    y   = (h + post_mlp_norm(mlp(pre_mlp_norm(h)))) * layer_scalar
+
+``mlp`` is :class:`~gemma4vl.models.moe.Gemma4MoELayer` (routed experts + the dense MLP as shared expert, each
+with its own post-norm) on MoE models, or a plain gated MLP otherwise. ``layer_scalar`` is a per-layer constant
+(a buffer, as in the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.identity_op import IdentityFuncOp
+from megatron.core.utils import make_viewless_tensor
+from functools import partial
+
+from gemma4vl.models.arch import Gemma4Arch
+from gemma4vl.models.attention import Gemma4AttentionSubmodules, Gemma4SelfAttention
+from gemma4vl.models.masks import FULL_INDEX, SLIDING_INDEX
+from gemma4vl.models.arch import SLIDING
+from gemma4vl.models.moe import gemma4_moe_builder
+from gemma4vl.models.norms import Gemma4RMSNorm
+
+
+class Gemma4TransformerLayer(TransformerLayer):
+    """One Gemma 4 decoder layer. Megatron-Core builds ``input_layernorm``, ``self_attention``,
+    ``pre_mlp_layernorm`` and ``mlp`` from the spec; this class adds the two post-norms and ``layer_scalar``."""
+
+    def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int = 1,
+                 arch: Gemma4Arch | None = None, **kwargs):
+        if arch is None:
+            raise ValueError("Gemma4TransformerLayer needs the Gemma4Arch (pass it through the layer spec params)")
+        unsupported = {
+            "recompute_granularity='selective'": config.recompute_granularity == "selective",
+            "fp32_residual_connection": config.fp32_residual_connection,
+            "hidden_dropout > 0": config.hidden_dropout > 0,
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(f"Gemma 4 decoder layers do not support {', '.join(bad)}")
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
+        self.arch = arch
+        self.layer_type = arch.layer_type(self.layer_number)
+        eps = config.layernorm_epsilon
+        self.post_self_attn_layernorm = Gemma4RMSNorm(config, config.hidden_size, eps)
+        self.post_mlp_layernorm = Gemma4RMSNorm(config, config.hidden_size, eps)
+        self.register_buffer("layer_scalar", torch.ones(1, dtype=config.params_dtype))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None, **unused):
+        """``attention_mask``: [2, b, 1, s, s] (sliding, full) from :func:`gemma4vl.models.masks.build_attention_masks`;
+        ``rotary_pos_emb``: (sliding angles, full angles) from :func:`gemma4vl.models.masks.rotary_angles`."""
+        index = SLIDING_INDEX if self.layer_type == SLIDING else FULL_INDEX
+        residual = hidden_states
+        attn_out, attn_bias = self.self_attention(
+            self.input_layernorm(hidden_states), attention_mask[index], rotary_pos_emb[index]
+        )
+        if attn_bias is not None:
+            attn_out = attn_out + attn_bias
+        hidden_states = residual + self.post_self_attn_layernorm(attn_out)
+
+        residual = hidden_states
+        mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        if mlp_bias is not None:
+            mlp_out = mlp_out + mlp_bias
+        hidden_states = (residual + self.post_mlp_layernorm(mlp_out)) * self.layer_scalar
+        output = make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)
+        return output, None
+
+
+def gemma4_layer_spec(arch: Gemma4Arch, num_experts: int | None) -> ModuleSpec:
+    """The layer spec shared by every Gemma 4 decoder layer (the layer number selects sliding or full)."""
+    if arch.enable_moe_block:
+        if not num_experts:
+            raise ValueError("enable_moe_block needs num_moe_experts")
+        mlp = gemma4_moe_builder(num_experts)
+    else:
+        mlp = partial(MLP.as_mlp_submodule,
+                      submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    attention = ModuleSpec(
+        module=Gemma4SelfAttention,
+        params={"arch": arch},
+        submodules=Gemma4AttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            linear_proj=RowParallelLinear,
+            q_layernorm=Gemma4RMSNorm,
+            k_layernorm=Gemma4RMSNorm,
+        ),
+    )
+    return ModuleSpec(
+        module=Gemma4TransformerLayer,
+        params={"arch": arch},
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Gemma4RMSNorm,
+            self_attention=attention,
+            self_attn_bda=IdentityFuncOp,
+            pre_mlp_layernorm=Gemma4RMSNorm,
+            mlp=mlp,
+            mlp_bda=IdentityFuncOp,
+        ),
+    )
+
+
+def gemma4_block_spec(arch: Gemma4Arch, num_experts: int | None, num_local_layers: int) -> TransformerBlockSubmodules:
+    """Decoder block spec for the ``num_local_layers`` layers of this pipeline stage, with the final norm."""
+    spec = gemma4_layer_spec(arch, num_experts)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_local_layers, layer_norm=Gemma4RMSNorm)
