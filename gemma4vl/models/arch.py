@@ -15,7 +15,7 @@ FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RopeSpec:
     """Rotary embedding of one attention layer type."""
 
@@ -36,7 +36,7 @@ class RopeSpec:
         return torch.cat([rotated, torch.zeros(head_dim // 2 - rotating, dtype=torch.float32)])
 
 
-@dataclass(frozen=True)
+@dataclass
 class AttentionSpec:
     """Shape of one attention layer type (sliding and full layers differ)."""
 
@@ -56,7 +56,7 @@ class AttentionSpec:
     """Sliding-window size (a query sees keys at distance ``< window``), or None for full attention."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Gemma4Arch:
     """Gemma 4 specifics of the language model and its vision front end."""
 

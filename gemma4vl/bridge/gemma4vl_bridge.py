@@ -1,0 +1,289 @@
+"""``Gemma4VLBridge``: Hugging Face ``Gemma4ForConditionalGeneration`` <-> :class:`~gemma4vl.models.Gemma4VLModel`.
+
+Registered with Megatron-Bridge for the transformers class, so ``AutoBridge.from_hf_pretrained(path)`` on a Gemma
+4 VL checkpoint returns it (ahead of Megatron-Bridge's own Gemma 4 bridge, whose model does not run without
+Transformer Engine). Megatron-Bridge's machinery does the tensor/pipeline/expert-parallel distribution; this
+class adds, on top of the declarative table in :mod:`gemma4vl.bridge.layout`:
+
+- strictness: before any weight is read, the checkpoint's safetensors headers are checked against the config
+  (missing / extra tensors, shapes, truncated or corrupt shards), and every Megatron parameter must have a
+  checkpoint tensor and vice versa;
+- the MoE fusions (:mod:`gemma4vl.bridge.fusion`) on import, and their inverses on export using the model's
+  current norm weights; K=V synthesis (:class:`~gemma4vl.bridge.mappings.KEqualsVQKVMapping`);
+- streaming import: each tensor is read when its task runs, and a grouped expert tensor is dropped as soon as
+  the last expert that needs it is loaded (peak host memory: the model plus about one layer's experts).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping
+
+import torch
+from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge, WeightConversionTask
+from megatron.bridge.models.conversion.peft_bridge import ABSENT_PROJECTION
+from megatron.bridge.models.conversion.param_mapping import split_qkv_weights
+from megatron.bridge.models.conversion.utils import get_module_and_param_from_name
+from megatron.core.utils import unwrap_model
+from transformers import Gemma4ForConditionalGeneration
+
+from gemma4vl.bridge import fusion
+from gemma4vl.bridge.checkpoint import CheckpointError, check_tensors, scan_checkpoint
+from gemma4vl.bridge.hf_config import Gemma4HFConfig, check_against_transformers, read_hf_config
+from gemma4vl.bridge.layout import (
+    HF_LAYER,
+    LM_HEAD,
+    PRE_FFN_NORM,
+    PRE_FFN_NORM_2,
+    ROUTER_PROJ,
+    ROUTER_SCALE,
+    SHARED_GATE,
+    SHARED_UP,
+    expected_hf_shapes,
+    layer_and_name,
+    mapping_registry,
+)
+from gemma4vl.bridge.provider import Gemma4VLModelProvider, provider_from_hf_config
+from gemma4vl.models import Gemma4VLModel
+
+logger = logging.getLogger(__name__)
+
+_FUSED = (ROUTER_PROJ, SHARED_GATE, SHARED_UP)
+_EXPORT_DEPENDENCIES = (PRE_FFN_NORM_2, ROUTER_SCALE, PRE_FFN_NORM)
+
+
+@dataclass
+class _ExportUnfusion:
+    """Export-side state: fused tensors wait here until their layer's norm values have streamed past."""
+
+    norms: Dict[str, torch.Tensor] = field(default_factory=dict)
+    pending: Dict[str, torch.Tensor] = field(default_factory=dict)
+    exact_originals: int = 0
+    recomputed: int = 0
+
+
+@MegatronModelBridge.register_bridge(
+    source=Gemma4ForConditionalGeneration, target=Gemma4VLModel, provider=Gemma4VLModelProvider, model_type="gemma4"
+)
+class Gemma4VLBridge(MegatronModelBridge):
+    """Bridge of Gemma 4 vision-language MoE checkpoints (e.g. google/gemma-4-26B-A4B)."""
+
+    # ---------------------------------------------------------------- config
+    def gemma4_config(self) -> Gemma4HFConfig:
+        """The strictly-read config.json of the checkpoint this bridge was created for."""
+        cached = getattr(self, "_gemma4_config", None)
+        if cached is None:
+            path = getattr(self.hf_pretrained, "model_name_or_path", None)
+            if path is None:
+                raise ValueError("Gemma4VLBridge needs a checkpoint directory (AutoBridge.from_hf_pretrained(path))")
+            cached = read_hf_config(path)
+            check_against_transformers(cached)
+            self._gemma4_config = cached
+        return cached
+
+    def provider_bridge(self, hf_pretrained) -> Gemma4VLModelProvider:
+        self.hf_pretrained = hf_pretrained
+        return provider_from_hf_config(self.gemma4_config())
+
+    def mapping_registry(self):
+        return mapping_registry(self.gemma4_config())
+
+    # ---------------------------------------------------------------- strictness
+    def validate_checkpoint(self) -> None:
+        """Check the checkpoint's safetensors headers against its config (no tensor data is read)."""
+        cfg = self.gemma4_config()
+        expected, optional = expected_hf_shapes(cfg)
+        check_tensors(scan_checkpoint(cfg.path.parent), expected, optional, where=str(cfg.path.parent))
+
+    def build_conversion_tasks(self, hf_pretrained, megatron_model, weight_dtype=None):
+        self.hf_pretrained = hf_pretrained
+        tasks = super().build_conversion_tasks(hf_pretrained, megatron_model, weight_dtype=weight_dtype)
+        self._check_coverage(hf_pretrained, megatron_model, tasks)
+        return tasks
+
+    def _check_coverage(self, hf_pretrained, megatron_model, tasks) -> None:
+        names = self._megatron_global_param_names_all_pp_ranks(megatron_model)
+        if self._share_embeddings_and_output_weights(unwrap_model(megatron_model)[0].config):
+            names = [n for n in names if "output_layer" not in n]
+        registry = self.mapping_registry()
+        unmapped = [n for n in names if registry.megatron_to_hf_lookup(self._get_lora_unwrapped_name(n)) is None]
+        if unmapped:
+            raise ValueError(f"Megatron parameters without a checkpoint mapping: {unmapped[:8]}")
+        if not hasattr(hf_pretrained, "state"):
+            return
+        keys = set(hf_pretrained.state.source.get_all_keys())
+        used: set[str] = set()
+        for task in tasks:
+            if task is None:
+                continue
+            hf = task.mapping.hf_param
+            used.update([hf] if isinstance(hf, str) else hf.values())
+        missing = sorted(used - keys)
+        if missing:
+            raise CheckpointError(f"{hf_pretrained.model_name_or_path}: missing tensor(s) {missing[:8]}")
+        unused = sorted(keys - used - ({LM_HEAD} if self.gemma4_config().tie_word_embeddings else set()))
+        if unused:
+            raise CheckpointError(f"{hf_pretrained.model_name_or_path}: tensor(s) no Megatron parameter takes: "
+                                  f"{unused[:8]}")
+
+    # ---------------------------------------------------------------- import
+    def load_weights_hf_to_megatron(self, hf_pretrained, megatron_model, allowed_mismatched_params=None):
+        """Load the checkpoint into ``megatron_model`` (a model or list of virtual-pipeline chunks)."""
+        if allowed_mismatched_params:
+            raise ValueError("Gemma4VLBridge loads strictly; allowed_mismatched_params is not supported")
+        self.hf_pretrained = hf_pretrained
+        self.validate_checkpoint()
+        models = megatron_model if isinstance(megatron_model, list) else [megatron_model]
+        unwrapped = unwrap_model(models)
+        tasks = [t for t in self.build_conversion_tasks(hf_pretrained, unwrapped) if t is not None]
+        state = hf_pretrained.state
+        local = [t for t in tasks if t.megatron_module is not None]
+        # Grouped (all-experts) tensors are read once and dropped after their last local use.
+        uses: Dict[str, int] = {}
+        for t in local:
+            if getattr(t.mapping, "is_grouped_export", False):
+                uses[str(t.mapping.hf_param)] = uses.get(str(t.mapping.hf_param), 0) + 1
+        grouped: Dict[str, torch.Tensor] = {}
+        for task in local:
+            key = str(task.mapping.hf_param)
+            if key in uses:
+                if key not in grouped:
+                    grouped[key] = self._read(task.mapping.hf_param, state)
+                hf_weights = grouped[key]
+                uses[key] -= 1
+                if uses[key] == 0:
+                    del grouped[key]
+            else:
+                hf_weights = self._read(task.mapping.hf_param, state)
+            converted = task.mapping.hf_to_megatron(hf_weights, task.megatron_module)
+            del hf_weights
+            if converted is None:
+                continue
+            if converted.shape != task.param_weight.shape:
+                raise CheckpointError(
+                    f"{task.mapping.hf_param} converts to shape {list(converted.shape)} but Megatron parameter "
+                    f"{task.global_param_name} has shape {list(task.param_weight.shape)}"
+                )
+            with torch.no_grad():
+                task.param_weight.copy_(converted)
+        self._broadcast_shared_embeddings(models)
+        return models
+
+    def _read(self, hf_param, state):
+        try:
+            return self.maybe_modify_loaded_hf_weight(hf_param, state)
+        except (fusion.FusionError, CheckpointError):
+            raise
+        except Exception as e:  # safetensors raises its own error types on damaged data
+            raise CheckpointError(f"{self.hf_pretrained.model_name_or_path}: cannot read {hf_param}: {e}") from e
+
+    def maybe_modify_loaded_hf_weight(self, hf_param, hf_state_dict: Mapping[str, torch.Tensor]):
+        """Read the tensor(s) of one mapping, applying the MoE fusions to the router and the shared expert."""
+        if isinstance(hf_param, dict):
+            weights = {k: hf_state_dict[v] for k, v in hf_param.items()}
+            gate = layer_and_name(hf_param.get("gate", ""))
+            if gate is not None and gate[1] == SHARED_GATE:
+                prefix = HF_LAYER.format(gate[0])
+                factor = fusion.shared_factor(hf_state_dict[prefix + PRE_FFN_NORM], hf_state_dict[prefix + PRE_FFN_NORM_2],
+                                              where=f"layer {gate[0]}")
+                weights = {k: fusion.fuse(w, factor) for k, w in weights.items()}
+            return weights
+        weight = hf_state_dict[hf_param]
+        located = layer_and_name(hf_param)
+        if located is not None and located[1] == ROUTER_PROJ:
+            prefix = HF_LAYER.format(located[0])
+            factor = fusion.router_factor(hf_state_dict[prefix + ROUTER_SCALE], hf_state_dict[prefix + PRE_FFN_NORM_2],
+                                          hidden_size=weight.shape[1], where=f"layer {located[0]}")
+            weight = fusion.fuse(weight, factor)
+        return weight
+
+    # ---------------------------------------------------------------- export
+    def stream_weights_megatron_to_hf(self, megatron_model, hf_pretrained, *args, **kwargs):
+        self._unfusion = _ExportUnfusion()
+        yield from super().stream_weights_megatron_to_hf(megatron_model, hf_pretrained, *args, **kwargs)
+        if self._unfusion.pending:
+            raise RuntimeError(f"export ended with fused tensors whose norms never arrived: "
+                               f"{sorted(self._unfusion.pending)[:5]}")
+        logger.info("export un-fusion: %d tensor(s) written as the checkpoint's exact originals, %d recomputed",
+                    self._unfusion.exact_originals, self._unfusion.recomputed)
+
+    def maybe_modify_converted_hf_weight(self, task: WeightConversionTask, converted_weights_dict, hf_state_dict):
+        """Invert the MoE fusions with the model's current norm weights (see :mod:`gemma4vl.bridge.fusion`)."""
+        state = self._unfusion
+        out: Dict[str, torch.Tensor] = {}
+        for name, tensor in converted_weights_dict.items():
+            located = layer_and_name(name)
+            if located is not None and located[1] in _FUSED:
+                state.pending[name] = tensor
+                continue
+            if located is not None and located[1] in _EXPORT_DEPENDENCIES:
+                state.norms[name] = tensor
+            out[name] = tensor
+        for name in list(state.pending):
+            result = self._unfuse(name, hf_state_dict)
+            if result is not None:
+                out[name] = result
+                del state.pending[name]
+        return out
+
+    def _unfuse(self, name: str, hf_state_dict) -> torch.Tensor | None:
+        state = self._unfusion
+        layer, local = layer_and_name(name)
+        prefix = HF_LAYER.format(layer)
+        anchor = prefix + (ROUTER_SCALE if local == ROUTER_PROJ else PRE_FFN_NORM)
+        if prefix + PRE_FFN_NORM_2 not in state.norms or anchor not in state.norms:
+            return None
+        current = state.pending[name]
+        w2 = state.norms[prefix + PRE_FFN_NORM_2]
+        where = f"layer {layer}"
+        if local == ROUTER_PROJ:
+            factor = fusion.router_factor(state.norms[anchor], w2, hidden_size=current.shape[1], where=where)
+        else:
+            factor = fusion.shared_factor(state.norms[anchor], w2, where=where)
+        original = self._source_tensor(hf_state_dict, name)
+        if fusion.exact_preimage(original, factor, current):
+            state.exact_originals += 1
+            return original
+        state.recomputed += 1
+        return fusion.unfuse(current, factor, where=where)
+
+    @staticmethod
+    def _source_tensor(hf_state_dict, name: str) -> torch.Tensor | None:
+        try:
+            return hf_state_dict[name]
+        except (KeyError, FileNotFoundError, OSError):
+            return None
+
+    # ---------------------------------------------------------------- LoRA
+    def _split_qkv_linear_out_weight(self, megatron_model, linear_out_weight):
+        """Split a LoRA ``linear_qkv`` output weight into q/k/v; sliding and full layers are told apart by size,
+        and K=V layers report ``v_proj`` as absent."""
+        model = megatron_model[0] if isinstance(megatron_model, list) else megatron_model
+        config = unwrap_model(model).config
+        arch = config.gemma4
+        feature_dim = linear_out_weight.shape[-1] if linear_out_weight.ndim == 2 else 1
+        matches = []
+        for spec in (arch.sliding, arch.full):
+            rows = (config.num_attention_heads + 2 * spec.num_kv_heads) * spec.head_dim
+            if rows * feature_dim == linear_out_weight.numel():
+                matches.append(spec)
+        if len(matches) != 1:
+            raise ValueError(f"LoRA linear_qkv output of {list(linear_out_weight.shape)} matches "
+                             f"{len(matches)} attention layer types (sliding and full must differ in size)")
+        spec = matches[0]
+        shape_cfg = _AttentionShape(config.num_attention_heads, spec.num_kv_heads, spec.head_dim, config.hidden_size)
+        q, k, v = split_qkv_weights(shape_cfg, linear_out_weight,
+                                    feature_dim=linear_out_weight.shape[-1] if linear_out_weight.ndim == 2 else None)
+        return {"q_proj": q, "k_proj": k, "v_proj": ABSENT_PROJECTION if spec.k_eq_v else v}
+
+
+@dataclass
+class _AttentionShape:
+    """The attention fields ``split_qkv_weights`` reads, for one layer type."""
+
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    hidden_size: int
+    attention_output_gate: bool = False
