@@ -15,3 +15,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def megatron_cpu():
+    """Megatron-Core model parallel state for one CPU process (TP = PP = EP = 1), shared by the session."""
+    from megatron.core import parallel_state
+
+    from gemma4vl.runtime.distributed import destroy_model_parallel, initialize_model_parallel
+
+    if not parallel_state.model_parallel_is_initialized():
+        initialize_model_parallel("cpu")
+    yield
+    destroy_model_parallel()

@@ -1,0 +1,198 @@
+"""Write a trained model as a Hugging Face checkpoint that ``transformers`` loads.
+
+The weights stream out of the bridge tensor by tensor (every rank takes part in the gathers; global rank 0
+writes). They go into a hidden temporary directory next to the destination, one safetensors shard at a time
+(a shard is written as soon as it is full, so host memory holds at most one shard beyond the model). The
+config.json is the source checkpoint's own file (same layout, ``dtype`` updated) and the tokenizer / processor
+/ generation files are copied from the source. Only when the index, every shard and every tensor (present,
+right shape, finite) have been verified is the temporary directory renamed to the destination, so an
+interrupted export never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gemma4vl.bridge.checkpoint import INDEX_FILE, CheckpointError, check_tensors, scan_checkpoint
+from gemma4vl.bridge.hf_config import read_hf_config
+from gemma4vl.bridge.layout import expected_hf_shapes
+
+_WEIGHT_FILES = ("*.safetensors", INDEX_FILE, "config.json", "*.bin", "*.pt")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote."""
+
+    path: Path
+    """The finished checkpoint directory."""
+
+    num_tensors: int
+    """Tensors written."""
+
+    num_bytes: int
+    """Bytes of tensor data written."""
+
+    shards: list[str]
+    """Shard file names, in order."""
+
+    dtype: torch.dtype
+    """dtype of the floating-point tensors."""
+
+    seconds: float
+    """Wall time of the export."""
+
+
+def source_dtype(source_dir: Path) -> torch.dtype:
+    """The floating-point dtype of the source checkpoint's tensors (they must agree)."""
+    dtypes = {info.dtype for info in scan_checkpoint(source_dir).values() if info.dtype in _SAFETENSORS_DTYPES}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"{source_dir}: tensors have mixed floating-point dtypes {sorted(dtypes)}; "
+                              "pass the export dtype explicitly")
+    return _SAFETENSORS_DTYPES[dtypes.pop()]
+
+
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def export_hf_checkpoint(
+    auto_bridge,
+    model,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    overwrite: bool = False,
+    show_progress: bool = False,
+) -> ExportReport | None:
+    """Export ``model`` (list of model chunks) through ``auto_bridge`` to ``out_dir``.
+
+    Collective: call on every rank. Returns the report on global rank 0, None elsewhere.
+    ``dtype`` defaults to the source checkpoint's dtype."""
+    start = time.time()
+    source_dir = Path(auto_bridge.hf_pretrained.model_name_or_path)
+    out_dir = Path(out_dir)
+    dtype = dtype or source_dtype(source_dir)
+    writer = _is_writer()
+    if writer and out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    tmp_dir = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if writer:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+    try:
+        shards, weight_map, num_bytes = _write_shards(auto_bridge, model, tmp_dir, dtype, max_shard_bytes,
+                                                      writer, show_progress)
+        report = None
+        if writer:
+            _write_metadata(source_dir, tmp_dir, shards, weight_map, num_bytes, dtype)
+            _verify(tmp_dir, weight_map)
+            _replace(tmp_dir, out_dir)
+            report = ExportReport(out_dir, len(weight_map), num_bytes, shards, dtype, time.time() - start)
+    except BaseException:
+        if writer:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+    return report
+
+
+def _write_shards(auto_bridge, model, tmp_dir: Path, dtype, max_shard_bytes, writer, show_progress):
+    shards: list[str] = []
+    weight_map: dict[str, str] = {}
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+    num_bytes = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if not pending:
+            return
+        name = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(pending, str(tmp_dir / name), metadata={"format": "pt"})
+        shards.append(name)
+        weight_map.update({k: name for k in pending})
+        pending, pending_bytes = {}, 0
+
+    for name, tensor in auto_bridge.export_hf_weights(model, cpu=True, show_progress=show_progress):
+        if not writer:
+            continue
+        if name in weight_map or name in pending:
+            raise RuntimeError(f"export produced '{name}' twice")
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensor = tensor.contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[name] = tensor
+        pending_bytes += size
+        num_bytes += size
+    if writer:
+        flush()
+        # Hugging Face's shard naming: model-0000i-of-0000n.safetensors.
+        final = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for old, new in zip(shards, final):
+            (tmp_dir / old).rename(tmp_dir / new)
+        rename = dict(zip(shards, final))
+        weight_map = {k: rename[v] for k, v in weight_map.items()}
+        shards = final
+    return shards, weight_map, num_bytes
+
+
+def _write_metadata(source_dir: Path, tmp_dir: Path, shards, weight_map, num_bytes, dtype) -> None:
+    index = {"metadata": {"total_size": num_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    config = json.loads((source_dir / "config.json").read_text())
+    dtype_name = next(k for k, v in _DTYPES.items() if v == dtype)
+    config["dtype"] = dtype_name
+    if isinstance(config.get("text_config"), dict) and "dtype" in config["text_config"]:
+        config["text_config"]["dtype"] = dtype_name
+    (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for path in sorted(source_dir.iterdir()):
+        if path.is_file() and not any(path.match(p) for p in _WEIGHT_FILES):
+            shutil.copy2(path, tmp_dir / path.name)
+
+
+def _verify(tmp_dir: Path, weight_map: dict[str, str]) -> None:
+    """The written checkpoint: every expected tensor present once with its shape, and finite."""
+    cfg = read_hf_config(tmp_dir)
+    expected, optional = expected_hf_shapes(cfg)
+    tensors = scan_checkpoint(tmp_dir)
+    check_tensors(tensors, expected, optional, where=f"export {tmp_dir}")
+    if set(tensors) != set(weight_map):
+        raise CheckpointError(f"export {tmp_dir}: shards hold {len(tensors)} tensors, {len(weight_map)} were written")
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(tmp_dir / shard), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"export {tmp_dir}: tensor '{key}' in {shard} has non-finite values")
+    for path in tmp_dir.iterdir():
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+
+
+def _replace(tmp_dir: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+        tmp_dir.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp_dir.rename(out_dir)
