@@ -149,3 +149,34 @@ def test_export_after_training_computes_the_trained_model(megatron_cpu, released
     with torch.no_grad():
         stale_logits = stale_model(**batch.hf_kwargs()).logits
     assert (stale_logits - trained)[valid].abs().max().item() > 100 * ATOL
+
+
+def test_lora_qkv_output_split_tells_layer_types_apart_by_size(megatron_cpu, released):
+    """A LoRA B matrix of linear_qkv is split into q/k/v with the sliding or the full layers' shape, whichever
+    its size matches; on K=V (full) layers v_proj is reported absent."""
+    from megatron.bridge.models.conversion.param_mapping import merge_qkv_weights
+    from megatron.bridge.models.conversion.peft_bridge import ABSENT_PROJECTION
+
+    from gemma4vl.bridge import Gemma4VLBridge
+    from gemma4vl.bridge.gemma4vl_bridge import _AttentionShape
+
+    _, model = load_megatron(released.path)
+    config = model[0].config
+    arch = config.gemma4
+    rank = 3
+    for layer_type in ("sliding_attention", "full_attention"):
+        spec = arch.attention(layer_type)
+        # merge_qkv_weights reshapes with hidden_size: here the LoRA rank is the input dimension.
+        shape_cfg = _AttentionShape(config.num_attention_heads, spec.num_kv_heads, spec.head_dim, rank)
+        q = torch.randn(config.num_attention_heads * spec.head_dim, rank)
+        k = torch.randn(spec.num_kv_heads * spec.head_dim, rank)
+        v = k if spec.k_eq_v else torch.randn_like(k)
+        packed = merge_qkv_weights(shape_cfg, q, k, v)
+        split = Gemma4VLBridge()._split_qkv_linear_out_weight(model, packed)
+        assert torch.equal(split["q_proj"], q) and torch.equal(split["k_proj"], k)
+        if spec.k_eq_v:
+            assert split["v_proj"] is ABSENT_PROJECTION
+        else:
+            assert torch.equal(split["v_proj"], v)
+    with pytest.raises(ValueError, match="matches 0 attention layer types"):
+        Gemma4VLBridge()._split_qkv_linear_out_weight(model, torch.randn(100, rank))

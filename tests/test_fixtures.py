@@ -82,21 +82,21 @@ def test_checkpoint_loads_with_from_pretrained(tmp_path_factory, layout, dtype):
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         if text.layer_types[i] == "full_attention":
-            assert (attn.head_dim, attn.k_proj.out_features, attn.v_proj) == (32, 32, None)
+            assert (attn.head_dim, attn.k_proj.out_features, attn.v_proj) == (32, 64, None)
         else:
-            assert (attn.head_dim, attn.k_proj.out_features, attn.v_proj.out_features) == (16, 32, 32)
+            assert (attn.head_dim, attn.k_proj.out_features, attn.v_proj.out_features) == (16, 64, 64)
     assert model.config.vision_config.rope_parameters["rope_type"] == "axial"
     assert model.config.image_token_id == TOK.image and model.config.boi_token_id == TOK.boi
 
     raw = json.loads((info.path / "config.json").read_text())
     if layout == "released":
-        assert raw["text_config"]["global_head_dim"] == 32 and raw["text_config"]["num_global_key_value_heads"] == 1
+        assert raw["text_config"]["global_head_dim"] == 32 and raw["text_config"]["num_global_key_value_heads"] == 2
         assert "per_layer_config" not in raw["text_config"]
         assert raw["vision_config"]["rope_parameters"]["rope_type"] == "default"
     else:
         assert raw["text_config"]["per_layer_config"] == {
-            "1": {"head_dim": 32, "num_key_value_heads": 1},
-            "3": {"head_dim": 32, "num_key_value_heads": 1},
+            "1": {"head_dim": 32, "num_key_value_heads": 2},
+            "3": {"head_dim": 32, "num_key_value_heads": 2},
         }
         assert "global_head_dim" not in raw["text_config"]
         assert raw["vision_config"]["rope_parameters"]["rope_type"] == "axial"

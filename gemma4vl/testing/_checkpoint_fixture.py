@@ -30,15 +30,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # The 26B-A4B shape in miniature (see shared/notes/platform.md): sliding and full layers with different head dims
 # and KV-head counts, K=V on full layers, MoE + dense "shared" MLP, softcapping, tied embeddings, no per-layer
-# inputs, no KV sharing, bidirectional image attention.
+# inputs, no KV sharing, bidirectional image attention. Head counts keep 26B-A4B's ratios (16 query heads, 8 KV
+# heads on sliding and 2 on full layers -> 8 / 4 / 2 here), so tensor parallel 2 divides both layer types.
 TINY_TEXT: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
     head_dim=16,
     global_head_dim=32,
-    num_global_key_value_heads=1,
+    num_global_key_value_heads=2,
     sliding_window=8,
     max_position_embeddings=4096,
     final_logit_softcapping=30.0,
