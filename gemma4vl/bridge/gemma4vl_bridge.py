@@ -45,6 +45,7 @@ from gemma4vl.bridge.layout import (
     mapping_registry,
 )
 from gemma4vl.bridge.provider import Gemma4VLModelProvider, provider_from_hf_config
+from gemma4vl.bridge.reader import MmapCheckpoint
 from gemma4vl.models import Gemma4VLModel
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class Gemma4VLBridge(MegatronModelBridge):
         models = megatron_model if isinstance(megatron_model, list) else [megatron_model]
         unwrapped = unwrap_model(models)
         tasks = [t for t in self.build_conversion_tasks(hf_pretrained, unwrapped) if t is not None]
-        state = hf_pretrained.state
+        state = MmapCheckpoint(self.gemma4_config().path.parent)
         local = [t for t in tasks if t.megatron_module is not None]
         # Grouped (all-experts) tensors are read once and dropped after their last local use.
         uses: Dict[str, int] = {}
@@ -167,6 +168,7 @@ class Gemma4VLBridge(MegatronModelBridge):
                 )
             with torch.no_grad():
                 task.param_weight.copy_(converted)
+        state.close()
         self._broadcast_shared_embeddings(models)
         return models
 
@@ -226,6 +228,32 @@ class Gemma4VLBridge(MegatronModelBridge):
                 out[name] = result
                 del state.pending[name]
         return out
+
+    def _accumulate_grouped_export(self, task, converted_weights_dict, model_config, grouped_buffers, hf_state_dict):
+        """Assemble a grouped (all-experts) HF tensor in place: one preallocated [E, ...] tensor per group that
+        each expert's weights are copied into, instead of Megatron-Bridge's list of experts plus a stack."""
+        from megatron.bridge.utils.common_utils import extract_expert_number_from_param
+        from megatron.core import parallel_state
+
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+        num_experts = model_config.num_moe_experts
+        local = extract_expert_number_from_param(task.param_name) % (num_experts // ep_size)
+        done: Dict[str, torch.Tensor] = {}
+        for key, value in converted_weights_dict.items():
+            if ep_size > 1 and value.shape[0] == ep_size:  # gathered over expert-parallel ranks
+                experts = [(local + i * (num_experts // ep_size), value[i]) for i in range(ep_size)]
+            else:
+                experts = [(local, value)]
+            if key not in grouped_buffers:
+                grouped_buffers[key] = {"tensor": torch.empty((num_experts, *experts[0][1].shape),
+                                                              dtype=experts[0][1].dtype), "seen": set()}
+            buf = grouped_buffers[key]
+            for index, weight in experts:
+                buf["tensor"][index].copy_(weight)
+                buf["seen"].add(index)
+            if len(buf["seen"]) == num_experts:
+                done[key] = grouped_buffers.pop(key)["tensor"]
+        return done or None
 
     def _unfuse(self, name: str, hf_state_dict) -> torch.Tensor | None:
         state = self._unfusion

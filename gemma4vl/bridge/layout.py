@@ -17,13 +17,12 @@ from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRe
 from megatron.bridge.models.conversion.param_mapping import (
     AutoMapping,
     FusedExpertMapping,
-    FusedGatedExpertMapping,
     GatedMLPMapping,
     QKVMapping,
 )
 
 from gemma4vl.bridge.hf_config import Gemma4HFConfig
-from gemma4vl.bridge.mappings import KEqualsVQKVMapping, ReplicatedOnDeviceMapping
+from gemma4vl.bridge.mappings import ExpertGateUpMapping, KEqualsVQKVMapping, ReplicatedOnDeviceMapping
 
 HF_LAYER = "model.language_model.layers.{}."
 MG_LAYER = "language_model.decoder.layers.{}."
@@ -68,7 +67,7 @@ def mapping_registry(cfg: Gemma4HFConfig) -> MegatronMappingRegistry:
         AutoMapping(mg + "self_attention.linear_proj.weight", hf + "self_attn.o_proj.weight"),
         GatedMLPMapping(mg + "mlp.shared_experts.linear_fc1.weight", gate=hf + SHARED_GATE, up=hf + SHARED_UP),
         AutoMapping(mg + "mlp.shared_experts.linear_fc2.weight", hf + "mlp.down_proj.weight"),
-        FusedGatedExpertMapping(mg + "mlp.experts.local_experts.*.linear_fc1.weight", hf + "experts.gate_up_proj"),
+        ExpertGateUpMapping(mg + "mlp.experts.local_experts.*.linear_fc1.weight", hf + "experts.gate_up_proj"),
         FusedExpertMapping(mg + "mlp.experts.local_experts.*.linear_fc2.weight", hf + "experts.down_proj"),
     ]
     mappings += [ReplicatedOnDeviceMapping(mg + ours, hf + theirs) for ours, theirs in _REPLICATED_LAYER_TENSORS.items()]

@@ -3,6 +3,9 @@
 - :class:`KEqualsVQKVMapping`: q/k projections of a K=V attention layer (no ``v_proj``) <-> Megatron-Core's
   grouped ``linear_qkv``. Import synthesises the value rows as a copy of the key rows; export writes q and k
   only (the value rows are never read by the model, see :mod:`gemma4vl.models.attention`).
+- :class:`ExpertGateUpMapping`: one expert's slice of the grouped ``experts.gate_up_proj`` [E, 2I, H] (gate rows
+  first) <-> the expert's ``linear_fc1`` [2I, H] (the same layout without expert tensor parallelism, so the
+  slice is handed over as a view, no copy; with expert tensor parallelism the stock interleaving is used).
 - :class:`ReplicatedOnDeviceMapping`: a replicated tensor broadcast over tensor-parallel ranks on the
   parameter's own device (the stock ``ReplicatedMapping`` moves it to ``torch.cuda.current_device()``, which
   does not exist on a CPU run).
@@ -15,6 +18,7 @@ from typing import Dict, Optional
 import torch
 from megatron.bridge.models.conversion.param_mapping import (
     AutoMapping,
+    FusedGatedExpertMapping,
     MegatronParamMapping,
     ReplicatedMapping,
     merge_qkv_weights,
@@ -68,3 +72,14 @@ class ReplicatedOnDeviceMapping(ReplicatedMapping):
         if self.tp_rank > 0:
             hf_weights = torch.empty_like(hf_weights)
         return self.broadcast_tensor_to_tp_ranks(hf_weights, src_rank=0)
+
+
+class ExpertGateUpMapping(FusedGatedExpertMapping):
+    """Grouped gate/up expert weights; zero-copy when experts are not tensor-parallel (see module docstring)."""
+
+    def hf_to_megatron(self, hf_weights: torch.Tensor, megatron_module: torch.nn.Module) -> torch.Tensor:
+        if self.tp_size != 1:  # for expert mappings this is the expert-tensor-parallel group
+            return super().hf_to_megatron(hf_weights, megatron_module)
+        from megatron.bridge.utils.common_utils import extract_expert_number_from_param
+
+        return hf_weights[extract_expert_number_from_param(self.megatron_param)]

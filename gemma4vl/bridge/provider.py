@@ -110,6 +110,9 @@ def provider_from_hf_config(cfg: Gemma4HFConfig, params_dtype: torch.dtype = tor
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        # Every weight comes from the checkpoint (the bridge refuses to leave one unloaded), so random
+        # initialisation would only cost time (minutes at 26B scale on CPU).
+        perform_initialization=False,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=bf16,

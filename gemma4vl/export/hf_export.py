@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gemma4vl.bridge.checkpoint import INDEX_FILE, CheckpointError, check_tensors, scan_checkpoint
@@ -136,6 +135,8 @@ def _write_shards(auto_bridge, model, tmp_dir: Path, dtype, max_shard_bytes, wri
             raise RuntimeError(f"export produced '{name}' twice")
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
+            if not all_finite(tensor):
+                raise CheckpointError(f"export: tensor '{name}' has non-finite values")
         tensor = tensor.contiguous()
         size = tensor.numel() * tensor.element_size()
         if pending and pending_bytes + size > max_shard_bytes:
@@ -143,6 +144,8 @@ def _write_shards(auto_bridge, model, tmp_dir: Path, dtype, max_shard_bytes, wri
         pending[name] = tensor
         pending_bytes += size
         num_bytes += size
+        if pending_bytes >= max_shard_bytes:  # write a full shard at once rather than hold it
+            flush()
     if writer:
         flush()
         # Hugging Face's shard naming: model-0000i-of-0000n.safetensors.
@@ -169,20 +172,25 @@ def _write_metadata(source_dir: Path, tmp_dir: Path, shards, weight_map, num_byt
             shutil.copy2(path, tmp_dir / path.name)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No inf / nan in ``tensor``. ``aminmax`` propagates nan and shows inf, and on CPU is about 10x faster than
+    ``isfinite(...).all()`` (which materialises a boolean tensor)."""
+    if tensor.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(tensor)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _verify(tmp_dir: Path, weight_map: dict[str, str]) -> None:
-    """The written checkpoint: every expected tensor present once with its shape, and finite."""
+    """The written checkpoint, re-read from disk: config.json and the index parse, every shard is complete,
+    and every expected tensor is present exactly once with its shape. (Finiteness is checked on each tensor as
+    it is written.)"""
     cfg = read_hf_config(tmp_dir)
     expected, optional = expected_hf_shapes(cfg)
     tensors = scan_checkpoint(tmp_dir)
     check_tensors(tensors, expected, optional, where=f"export {tmp_dir}")
     if set(tensors) != set(weight_map):
         raise CheckpointError(f"export {tmp_dir}: shards hold {len(tensors)} tensors, {len(weight_map)} were written")
-    for shard in sorted(set(weight_map.values())):
-        with safe_open(str(tmp_dir / shard), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise CheckpointError(f"export {tmp_dir}: tensor '{key}' in {shard} has non-finite values")
     for path in tmp_dir.iterdir():
         with path.open("rb") as f:
             os.fsync(f.fileno())

@@ -66,7 +66,9 @@ class Gemma4VLModel(MegatronModule):
         self.embed_vision = None
         if pre_process and arch.vision_config is not None:
             vision = arch.vision_config
-            self.vision_tower = build_vision_tower(vision, vision_attn_implementation).to(config.params_dtype)
+            self.vision_tower = build_vision_tower(
+                vision, vision_attn_implementation, initialize=config.perform_initialization
+            ).to(config.params_dtype)
             self.embed_vision = Gemma4VisionEmbedder(vision.hidden_size, config.hidden_size, vision.rms_norm_eps).to(
                 config.params_dtype
             )

@@ -14,13 +14,18 @@ import torch
 from gemma4vl.models.norms import rms_normalize
 
 
-def build_vision_tower(vision_config, attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """Instantiate transformers' ``Gemma4VisionModel`` from its config (random weights; the bridge loads them)."""
+def build_vision_tower(vision_config, attn_implementation: str = "sdpa", initialize: bool = True) -> torch.nn.Module:
+    """Instantiate transformers' ``Gemma4VisionModel`` from its config. ``initialize=False`` skips the random
+    weight init (the weights are about to be loaded); buffers computed at construction are still computed."""
+    from transformers.initialization import no_init_weights
     from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel
 
     vision_config = vision_config.__class__.from_dict(vision_config.to_dict())
     vision_config._attn_implementation = attn_implementation
-    return Gemma4VisionModel(vision_config)
+    if initialize:
+        return Gemma4VisionModel(vision_config)
+    with no_init_weights():
+        return Gemma4VisionModel(vision_config)
 
 
 class Gemma4VisionEmbedder(torch.nn.Module):

@@ -1,0 +1,193 @@
+"""Conversion benchmark: HF -> Megatron import and Megatron -> HF export on a real-width Gemma 4 checkpoint.
+
+    python bench/conversion.py [--workdir DIR] [--num-layers 2]
+
+Writes (once) the real-width fixture: 26B-A4B widths (hidden 2816, 128 experts, vocab 262144), 2 decoder layers,
+bf16, 1 GB shards, about 5 GB. Then runs every measurement in a FRESH process (so peak RSS is that step's own)
+and prints one table: our import (model in bf16 and in fp32) and export, next to three baselines measured in
+the same run on the same files:
+
+- ``hf_load_touch``: transformers ``from_pretrained`` in the same dtype, then every parameter byte read;
+- ``hf_save``: transformers ``save_pretrained`` of the loaded model (save time only);
+- ``stream_copy``: per shard ``safe_open`` -> ``clone`` every tensor -> ``save_file`` (``clone_all`` is its
+  read-and-clone part alone).
+
+Targets (from the issue): import(bf16) <= 1.5 x clone_all; import(fp32) <= hf_load_touch(fp32);
+export <= 1.5 x stream_copy; import peak RSS <= 1.25 x model bytes + 1 GB; export peak RSS <= model bytes +
+largest shard + 1 GB. Peak RSS is the process's whole high-water mark (Python, torch and Megatron included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GB = 1024**3
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------ measurements (each in its own process)
+def m_import(ckpt: Path, out: Path, dtype: str) -> dict:
+    import torch
+
+    from gemma4vl.runtime.distributed import initialize_model_parallel
+    from gemma4vl.testing.megatron_harness import load_megatron
+
+    initialize_model_parallel("cpu")
+    import gemma4vl.bridge  # noqa: F401  (imports excluded from the timing)
+    rss_before = _peak_rss_bytes()
+    start = time.perf_counter()
+    _, model = load_megatron(ckpt, params_dtype=getattr(torch, dtype), vision_attn="sdpa")
+    seconds = time.perf_counter() - start
+    model_bytes = sum(p.numel() * p.element_size() for p in model[0].state_dict().values() if p is not None)
+    return {"seconds": seconds, "peak_rss": _peak_rss_bytes(), "rss_before": rss_before, "model_bytes": model_bytes}
+
+
+def m_export(ckpt: Path, out: Path, dtype: str) -> dict:
+    import torch
+
+    from gemma4vl.export import export_hf_checkpoint
+    from gemma4vl.runtime.distributed import initialize_model_parallel
+    from gemma4vl.testing.megatron_harness import load_megatron
+
+    initialize_model_parallel("cpu")
+    bridge, model = load_megatron(ckpt, params_dtype=getattr(torch, dtype), vision_attn="sdpa")
+    model_bytes = sum(p.numel() * p.element_size() for p in model[0].state_dict().values() if p is not None)
+    rss_before = _peak_rss_bytes()
+    start = time.perf_counter()
+    report = export_hf_checkpoint(bridge, model, out, max_shard_bytes=GB, overwrite=True)
+    seconds = time.perf_counter() - start
+    largest = max((out / s).stat().st_size for s in report.shards)
+    return {"seconds": seconds, "peak_rss": _peak_rss_bytes(), "rss_before": rss_before, "model_bytes": model_bytes,
+            "largest_shard": largest}
+
+
+def m_hf_load_touch(ckpt: Path, out: Path, dtype: str) -> dict:
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    start = time.perf_counter()
+    model = Gemma4ForConditionalGeneration.from_pretrained(str(ckpt), dtype=getattr(torch, dtype))
+    touched = 0
+    for p in model.state_dict().values():
+        touched += int(p.detach().reshape(-1).view(torch.uint8).max())  # reads every byte
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss": _peak_rss_bytes(), "touched": touched}
+
+
+def m_hf_save(ckpt: Path, out: Path, dtype: str) -> dict:
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    model = Gemma4ForConditionalGeneration.from_pretrained(str(ckpt), dtype=getattr(torch, dtype))
+    start = time.perf_counter()
+    model.save_pretrained(str(out), max_shard_size="1GB")
+    return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss_bytes()}
+
+
+def m_stream_copy(ckpt: Path, out: Path, dtype: str, write: bool = True) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+        if write:
+            save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
+        del tensors
+    return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss_bytes()}
+
+
+def m_clone_all(ckpt: Path, out: Path, dtype: str) -> dict:
+    return m_stream_copy(ckpt, out, dtype, write=False)
+
+
+MEASUREMENTS = {
+    "clone_all": m_clone_all,
+    "stream_copy": m_stream_copy,
+    "hf_load_touch": m_hf_load_touch,
+    "hf_save": m_hf_save,
+    "import": m_import,
+    "export": m_export,
+}
+
+
+# ------------------------------------------------------------------ driver
+def run(name: str, ckpt: Path, out: Path, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--measure", name, "--ckpt", str(ckpt), "--out", str(out), "--dtype", dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} ({dtype}) failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("outputs/bench-conversion"))
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--measure", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(MEASUREMENTS[args.measure](args.ckpt, args.out, args.dtype)))
+        return 0
+
+    ckpt = args.workdir / f"real-width-{args.num_layers}l"
+    if not (ckpt / "config.json").exists():
+        from gemma4vl.testing.fixtures import write_checkpoint
+
+        print(f"writing the real-width fixture to {ckpt} ...", flush=True)
+        write_checkpoint(ckpt, variant="real-width", num_layers=args.num_layers, overwrite=True)
+    ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    scratch = args.workdir / "scratch"
+    rows = {}
+    for name, dtype in [("clone_all", "bfloat16"), ("stream_copy", "bfloat16"), ("hf_load_touch", "bfloat16"),
+                        ("hf_load_touch", "float32"), ("hf_save", "bfloat16"), ("import", "bfloat16"),
+                        ("import", "float32"), ("export", "bfloat16")]:
+        print(f"measuring {name} ({dtype}) ...", flush=True)
+        rows[(name, dtype)] = run(name, ckpt, scratch, dtype)
+
+    def secs(name, dtype="bfloat16"):
+        return rows[(name, dtype)]["seconds"]
+
+    print(f"\ncheckpoint: {ckpt} ({ckpt_bytes / GB:.2f} GB of safetensors, {args.num_layers} layers)\n")
+    print(f"{'step':<24}{'dtype':<10}{'seconds':>9}{'peak RSS GB':>13}")
+    for (name, dtype), r in rows.items():
+        print(f"{name:<24}{dtype:<10}{r['seconds']:>9.2f}{r['peak_rss'] / GB:>13.2f}")
+    imp16, imp32, exp16 = rows[("import", "bfloat16")], rows[("import", "float32")], rows[("export", "bfloat16")]
+    checks = [
+        ("import bf16 / clone_all", secs("import") / secs("clone_all"), 1.5),
+        ("import fp32 / hf_load_touch fp32", secs("import", "float32") / secs("hf_load_touch", "float32"), 1.0),
+        ("export bf16 / stream_copy", secs("export") / secs("stream_copy"), 1.5),
+        ("import bf16 RSS / (1.25 model + 1 GB)", imp16["peak_rss"] / (1.25 * imp16["model_bytes"] + GB), 1.0),
+        ("import fp32 RSS / (1.25 model + 1 GB)", imp32["peak_rss"] / (1.25 * imp32["model_bytes"] + GB), 1.0),
+        ("export RSS / (model + shard + 1 GB)",
+         exp16["peak_rss"] / (exp16["model_bytes"] + exp16["largest_shard"] + GB), 1.0),
+    ]
+    print(f"\n{'ratio':<42}{'value':>8}{'target':>9}  ok")
+    failed = 0
+    for label, value, target in checks:
+        ok = value <= target
+        failed += not ok
+        print(f"{label:<42}{value:>8.2f}{'<= ' + str(target):>9}  {'yes' if ok else 'NO'}")
+    print(f"\n(for context: hf_load_touch bf16 is memory-mapped and lazy; hf_save {secs('hf_save'):.2f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
