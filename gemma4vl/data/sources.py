@@ -1,0 +1,194 @@
+"""Data sources through the ``datasets`` library: local files and directories, ``save_to_disk`` output, hub names.
+
+Every source ends up a map-style, Arrow-backed (memory-mapped) ``datasets.Dataset``: rows are read one at a time
+(:class:`RowReader`, undecoded: images stay bytes / paths), so memory does not grow with the dataset.
+
+``path`` may be:
+
+- a file ``*.json`` / ``*.jsonl`` / ``*.parquet`` / ``*.arrow``: loaded as the requested split;
+- a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+- a directory of such files: splits from file names as ``datasets`` names them (``train*.jsonl``,
+  ``validation*.parquet``, ``val``/``dev``/``test``...; a directory without split names is all "train"); only
+  json/parquet/arrow files count (an ``images/`` folder next to them is fine), hidden files / directories are
+  ignored;
+- otherwise a hub dataset name (``owner/name``), loaded with ``datasets.load_dataset(name, split=...)``.
+
+Relative image paths resolve against ``image_root``: by default the file's directory / the directory itself
+(hub datasets have none; set it if their rows hold relative paths).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclasses.dataclass
+class Source:
+    """One split of a dataset, ready to be read row by row."""
+
+    dataset: Any  # datasets.Dataset
+    name: str  # "path [split]", used in messages
+    image_root: str | None
+    fingerprint: str  # changes when the data changes (keys cached packing plans)
+    local_dir: str | None  # where a plan cache may live by default (None for hub datasets)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _disable_image_decoding(feature: Any) -> None:
+    """Set ``decode=False`` on every ``datasets.Image`` inside ``feature`` (in place)."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        feature.decode = False
+    elif isinstance(feature, dict):
+        for sub in feature.values():
+            _disable_image_decoding(sub)
+    elif isinstance(feature, (list, tuple)):
+        for sub in feature:
+            _disable_image_decoding(sub)
+    elif hasattr(feature, "feature"):  # List / LargeList / Sequence
+        _disable_image_decoding(feature.feature)
+
+
+class RowReader:
+    """Rows of a ``datasets.Dataset`` as plain Python values, decoded by their features (e.g. ``Json``) except
+    images, which stay as stored (``{"bytes", "path"}``, paths): they are opened later, safely."""
+
+    def __init__(self, dataset, columns: list[str] | None = None):
+        if columns is not None:
+            present = [c for c in columns if c in dataset.column_names]
+            dataset = dataset.select_columns(present)
+        self._features = copy.deepcopy(dataset.features)
+        _disable_image_decoding(self._features)
+        self._arrow = dataset.with_format("arrow")
+        self._len = len(dataset)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self._len:
+            raise IndexError(f"row {index} out of range for {self._len} rows")
+        return self._features.decode_example(self._arrow[int(index)].to_pylist()[0])
+
+
+def _looks_local(path: str) -> bool:
+    return (Path(path).suffix.lower() in BUILDERS or path.startswith(("/", "./", "../", "~"))
+            or os.sep + "." in path)
+
+
+def _split_of(relative: str) -> str | None:
+    """The split a data file belongs to by its path, as ``datasets`` names splits (train / validation / test and
+    their aliases, delimited by - . _ space digits or /)."""
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    lowered = relative.lower()
+    for split, keywords in SPLIT_KEYWORDS.items():
+        for keyword in keywords:
+            if re.search(rf"(^|[-._ 0-9/]){keyword}([-._ 0-9/]|$)", lowered):
+                return str(split)
+    return None
+
+
+def _split_files(directory: Path) -> dict[str, list[str]]:
+    """Data files (json/jsonl/parquet/arrow, not hidden) below ``directory`` grouped by split; all "train" when no
+    file name names a split."""
+    found = []
+    for here, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        for f in sorted(files):
+            if not f.startswith((".", "__")) and Path(f).suffix.lower() in BUILDERS:
+                found.append(os.path.relpath(os.path.join(here, f), directory))
+    named = {rel: _split_of(rel) for rel in found}
+    out: dict[str, list[str]] = {}
+    if not any(named.values()):
+        return {"train": [str(directory / rel) for rel in sorted(found)]} if found else {}
+    for rel, split in sorted(named.items()):
+        if split is not None:
+            out.setdefault(split, []).append(str(directory / rel))
+    return out
+
+
+def _builder(files: list[str], where: str) -> str:
+    kinds = {BUILDERS[Path(f).suffix.lower()] for f in files}
+    if len(kinds) != 1:
+        raise ValueError(f"{where} mixes file types {sorted(kinds)}; use one of json/jsonl, parquet, arrow per split")
+    return kinds.pop()
+
+
+def _fingerprint(dataset, extra: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"{getattr(dataset, '_fingerprint', '')}|{len(dataset)}|{dataset.column_names}|{extra}".encode())
+    for f in getattr(dataset, "cache_files", []) or []:
+        try:
+            st = os.stat(f["filename"])
+            h.update(f"{f['filename']}|{st.st_size}|{st.st_mtime_ns}".encode())
+        except OSError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def load_source(path: str, split: str, *, image_root: str | None = None, cache_dir: str | None = None,
+                max_rows: int | None = None) -> Source:
+    """Load one split of ``path`` (see the module docstring); raises with the path and what was expected."""
+    import datasets
+
+    local = Path(path).expanduser()
+    name = f"{path} [{split}]"
+    hf_cache = str(Path(cache_dir).expanduser() / "hf_datasets") if cache_dir is not None else None
+    if local.is_file():
+        suffix = local.suffix.lower()
+        if suffix not in BUILDERS:
+            raise ValueError(f"dataset file {local} has suffix {suffix!r}; expected one of {sorted(BUILDERS)}")
+        ds = datasets.load_dataset(BUILDERS[suffix], data_files={split: [str(local.resolve())]}, split=split,
+                                   cache_dir=hf_cache)
+        default_root, local_dir = local.resolve().parent, local.resolve().parent
+    elif local.is_dir():
+        root = local.resolve()
+        if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(str(root))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"{root} (save_to_disk DatasetDict) has splits {sorted(loaded)}, not {split!r}")
+                ds = loaded[split]
+            else:
+                ds = loaded
+        else:
+            files = _split_files(root)
+            if not files:
+                raise ValueError(f"directory {root} holds no dataset files ({', '.join(sorted(BUILDERS))}) and is "
+                                 "not a save_to_disk directory")
+            if split not in files:
+                raise ValueError(f"directory {root} has splits {sorted(files)} (from file names), not {split!r}")
+            ds = datasets.load_dataset(_builder(files[split], f"split {split!r} of {root}"),
+                                       data_files={split: files[split]}, split=split, cache_dir=hf_cache)
+        default_root, local_dir = root, root
+    elif _looks_local(path):
+        raise FileNotFoundError(f"dataset path {path} does not exist (expected a file, a directory, or a hub name "
+                                "like owner/name)")
+    else:
+        try:
+            ds = datasets.load_dataset(path, split=split, cache_dir=hf_cache)
+        except Exception as e:  # noqa: BLE001 - offline, unknown name, gated, missing split ...
+            raise ValueError(f"could not load hub dataset {path!r} split {split!r}: {type(e).__name__}: {e}") from e
+        default_root, local_dir = None, None
+    if not isinstance(ds, datasets.Dataset):
+        raise ValueError(f"{name}: expected a map-style datasets.Dataset, got {type(ds).__name__}")
+    if max_rows is not None:
+        if max_rows < 1:
+            raise ValueError(f"max rows must be >= 1, got {max_rows}")
+        ds = ds.select(range(min(max_rows, len(ds))))
+    root = str(Path(image_root).expanduser().resolve()) if image_root is not None else (
+        str(default_root) if default_root is not None else None)
+    return Source(ds, name, root, _fingerprint(ds, f"{path}|{split}|{max_rows}"),
+                  str(local_dir) if local_dir is not None else None)
