@@ -7,6 +7,8 @@
 
 from gemma4vl.runtime.te_shim import install as _install_te_shim
 
+DEVICES = ("cpu", "cuda")
+
 
 def import_megatron_bridge():
     """Import and return the ``megatron.bridge`` package, installing the Transformer Engine import shim if needed."""
@@ -14,3 +16,32 @@ def import_megatron_bridge():
     import megatron.bridge
 
     return megatron.bridge
+
+
+def setup_runtime(device: str) -> None:
+    """Prepare this process to run Megatron-Core on ``device``: ``"cpu"`` or ``"cuda"``. Idempotent.
+
+    ``"cpu"`` activates :mod:`gemma4vl.runtime.cpu_backend`. ``"cuda"`` only checks that CUDA is usable and leaves
+    the CPU backend inactive. The device is an argument (from the run's config), never read from the environment.
+    A process runs on one device: asking for ``"cuda"`` after the CPU backend was activated is an error.
+    """
+    from gemma4vl.runtime import cpu_backend
+
+    if device == "cpu":
+        cpu_backend.activate()
+    elif device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "device='cuda' was requested, but torch.cuda.is_available() is False on this machine "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Use device='cpu' here, or run "
+                "on a machine with a CUDA GPU."
+            )
+        if cpu_backend.is_active():
+            raise RuntimeError(
+                "device='cuda' was requested, but this process already activated the CPU backend "
+                "(setup_runtime('cpu')), which redirects Megatron-Core to the CPU; use one device per process."
+            )
+    else:
+        raise ValueError(f"device must be one of {', '.join(repr(d) for d in DEVICES)}; got {device!r}")
