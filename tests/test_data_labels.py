@@ -177,7 +177,7 @@ def test_length_policies_are_counted_in_the_plan(processor_dir, tmp_path):
         for i in range(len(ds)):
             item = ds[i]
             assert item["input_ids"].shape[0] <= 160
-            assert int(item["mm_token_type_ids"].sum()) == sum(p.shape[0] // 4 for p, _ in item["images"])
+            assert int(item["mm_token_type_ids"].sum()) == sum(gh * gw // 4 for _, (gh, gw) in item["images"])
     assert plans["drop"].skipped() == {"too_long": 2} and plans["drop"].truncated_rows == 0
     assert plans["truncate_turns"].skipped() == {} and plans["truncate_turns"].truncated_rows == 2
     assert plans["truncate_tokens"].skipped() == {} and plans["truncate_tokens"].truncated_rows == 2

@@ -72,7 +72,7 @@ from gemma4vl.data.dataset import Gemma4VLSFTDataset, RowPipeline
 from gemma4vl.data.encoding import ConversationEncoder, Encoded
 from gemma4vl.data.errors import REASONS, BadRowError
 from gemma4vl.data.formats import Conversation, parse_row, resolve_spec
-from gemma4vl.data.images import ImageLoader, ImageSettings, image_settings, patches_to_pixel_values
+from gemma4vl.data.images import ImageLoader, ImageSettings, image_settings, to_pixel_values
 from gemma4vl.data.plan import PackingPlan, build_plan, pack
 from gemma4vl.data.sources import RowReader, Source, load_source
 
@@ -100,6 +100,6 @@ __all__ = [
     "load_source",
     "pack",
     "parse_row",
-    "patches_to_pixel_values",
+    "to_pixel_values",
     "resolve_spec",
 ]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gemma4vl.data.encoding import Encoded
-from gemma4vl.data.images import ImageSettings, patches_to_pixel_values
+from gemma4vl.data.images import ImageSettings, to_pixel_values
 
 IGNORE_INDEX = -100  # == gemma4vl.models.IGNORE_INDEX (not imported: the data package does not need Megatron)
 MODEL_INPUTS = ("input_ids", "position_ids", "segment_ids", "mm_token_type_ids", "pixel_values",
@@ -48,7 +48,7 @@ def assemble_row(samples: Sequence[Encoded], image_token_id: int) -> dict:
     labels = np.concatenate([shifted_labels(s) for s in samples])
     positions = np.concatenate([np.arange(len(s), dtype=np.int32) for s in samples])
     segments = np.concatenate([np.full(len(s), k + 1, dtype=np.int32) for k, s in enumerate(samples)])
-    images = [(im.patches, im.grid) for s in samples for im in s.images]
+    images = [(im.pixels, im.grid) for s in samples for im in s.images]
     return {
         "input_ids": torch.from_numpy(ids),
         "labels": torch.from_numpy(labels),
@@ -102,7 +102,7 @@ class Collator:
                 out[key][i, :n] = row[key]
             images.extend(row["images"])
         if images:
-            out["pixel_values"], out["image_position_ids"] = patches_to_pixel_values(images, self.settings)
+            out["pixel_values"], out["image_position_ids"] = to_pixel_values(images, self.settings)
         else:
             out["pixel_values"] = out["image_position_ids"] = None
         return out

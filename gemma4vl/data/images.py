@@ -5,10 +5,10 @@ Gemma 4 patches exactly as the processor's image processor does.
   a path resolving outside the root, a URL, or a relative path without a root is refused without opening it.
 - File / byte size is checked before reading; the header (read lazily by PIL, a few hundred bytes) is checked
   against ``max_pixels`` before any pixel buffer exists, so a 100k x 100k PNG header costs nothing.
-- Pixels: PIL decode -> RGB exactly as transformers (alpha composited on white) -> the processor's own
-  aspect-ratio-preserving resize (torchvision, on uint8) -> patches ``[n, p*p*3]``, kept as uint8 until collation
-  (4x less memory and inter-process traffic than float32; ``uint8 * rescale_factor`` there reproduces the
-  processor's float values bit for bit).
+- Pixels: PIL decode -> RGB exactly as transformers (alpha composited on white) -> the processor's
+  aspect-ratio-preserving resize (torchvision, on uint8), kept as uint8 until collation (4x less memory and
+  inter-process traffic than float32), where patchify + ``uint8 * rescale_factor`` write the processor's float
+  values bit for bit, straight into the batch tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import base64
 import dataclasses
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -83,9 +84,9 @@ def image_settings(processor, max_soft_tokens: int | None = None) -> ImageSettin
 
 @dataclasses.dataclass
 class ProcessedImage:
-    """One image as patches (uint8) and its patch grid."""
+    """One image after the processor's resize (uint8), and its patch grid."""
 
-    patches: torch.Tensor  # [grid_h * grid_w, p*p*3] uint8, row-major patches, each (ph, pw, c)
+    pixels: torch.Tensor  # [grid_h * p, grid_w * p, 3] uint8, resized
     grid: tuple[int, int]  # (grid_h, grid_w) in patches
     num_soft_tokens: int
 
@@ -198,6 +199,8 @@ class ImageLoader:
         image = self.open(value)
         try:
             image.load()
+            if image.mode == "RGB" and image.info.get("transparency") is None:
+                return np.asarray(image)  # what convert_to_rgb returns, without its extra copy
             return convert_to_rgb(image, return_numpy=True)
         except BadRowError:
             raise
@@ -209,35 +212,41 @@ class ImageLoader:
 
 
 def process_pixels(rgb: np.ndarray, settings: ImageSettings) -> ProcessedImage:
-    """Resize + patchify like ``Gemma4ImageProcessor`` (uint8 patches; see :func:`patches_to_pixel_values`)."""
+    """Resize like ``Gemma4ImageProcessor`` (uint8; patchified and rescaled by :func:`to_pixel_values`)."""
     from torchvision.transforms.v2 import functional as tvF
     from transformers.image_utils import PILImageResampling, pil_torch_interpolation_mapping
-    from transformers.models.gemma4.image_processing_gemma4 import convert_image_to_patches
 
     height, width = rgb.shape[:2]
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    with warnings.catch_warnings():  # PIL's array is read-only; it is only read (resize / contiguous copy it)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        image = torch.from_numpy(np.ascontiguousarray(rgb))  # [h, w, 3]
     th, tw = settings.target_size(width, height)
     if (th, tw) != (height, width):
         resample = settings.resample
         if isinstance(resample, (PILImageResampling, int)):
             resample = pil_torch_interpolation_mapping[resample]
-        image = tvF.resize(image, size=[th, tw], interpolation=resample, antialias=True)
-    patches = convert_image_to_patches(image, settings.patch_size).contiguous()
+        # resized as [3, h, w] (the processor's layout) over channels-last memory: same values, and the output
+        # stays channels-last, which makes patchifying it a cheap copy
+        image = tvF.resize(image.permute(2, 0, 1), size=[th, tw], interpolation=resample, antialias=True)
+        image = image.permute(1, 2, 0).contiguous()
     grid = (th // settings.patch_size, tw // settings.patch_size)
-    return ProcessedImage(patches, grid, grid[0] * grid[1] // settings.pooling_kernel_size**2)
+    return ProcessedImage(image, grid, grid[0] * grid[1] // settings.pooling_kernel_size**2)
 
 
-def patches_to_pixel_values(images: list[ProcessedImage] | list[tuple[torch.Tensor, tuple[int, int]]],
-                            settings: ImageSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pixel_values`` [n, max_patches, p*p*3] float32 and ``image_position_ids`` [n, max_patches, 2] long, padded
-    like the processor (zeros / (-1, -1))."""
-    n = len(images)
-    pixel_values = torch.zeros(n, settings.max_patches, settings.patch_dim, dtype=torch.float32)
+def to_pixel_values(images: list[ProcessedImage] | list[tuple[torch.Tensor, tuple[int, int]]],
+                    settings: ImageSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pixel_values`` [n, max_patches, p*p*3] float32 and ``image_position_ids`` [n, max_patches, 2] long, as the
+    processor makes them: patches row-major, each flattened (ph, pw, c), ``uint8 * rescale_factor``, padded with
+    zeros / (-1, -1). Each image is written once, straight from its uint8 pixels."""
+    n, p = len(images), settings.patch_size
+    pixel_values = torch.empty(n, settings.max_patches, settings.patch_dim, dtype=torch.float32)
     positions = torch.full((n, settings.max_patches, 2), -1, dtype=torch.long)
     for i, item in enumerate(images):
-        patches, (gh, gw) = (item.patches, item.grid) if isinstance(item, ProcessedImage) else item
-        count = patches.shape[0]
-        pixel_values[i, :count] = patches.to(torch.float32) * settings.rescale_factor
+        pixels, (gh, gw) = (item.pixels, item.grid) if isinstance(item, ProcessedImage) else item
+        count = gh * gw
+        patches = pixels.reshape(gh, p, gw, p, 3).permute(0, 2, 1, 3, 4)  # [gh, gw, p, p, c], a view
+        torch.mul(patches, settings.rescale_factor, out=pixel_values[i, :count].view(gh, gw, p, p, 3))
+        pixel_values[i, count:] = 0
         xs, ys = torch.meshgrid(torch.arange(gw), torch.arange(gh), indexing="xy")
         positions[i, :count] = torch.stack([xs, ys], dim=-1).reshape(count, 2)
     return pixel_values, positions
