@@ -1,0 +1,167 @@
+"""The one place that turns a composed run config into Megatron-Bridge's ``ConfigContainer``.
+
+:func:`build_config_container` takes the validated :class:`~gemma4vl.config.schema.RunConfig` and the bridge of
+the checkpoint and fills every Megatron-Bridge section: the model provider (from our bridge, weights imported
+while the model is built unless a checkpoint is resumed), parallelism and precision on it, optimizer, LR
+schedule, DDP, data, logging, checkpointing, distributed init and RNG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from gemma4vl.config.schema import DataConfig, RunConfig
+from gemma4vl.runtime import import_megatron_bridge
+
+import_megatron_bridge()
+
+from megatron.bridge.training.config import (  # noqa: E402
+    CheckpointConfig,
+    ConfigContainer,
+    DistributedDataParallelConfig,
+    DistributedInitConfig,
+    LoggerConfig,
+    OptimizerConfig,
+    RNGConfig,
+    SchedulerConfig,
+    TokenizerConfig,
+    TrainingConfig,
+    ValidationConfig,
+)
+
+from gemma4vl.data.provider import Gemma4VLDatasetConfig  # noqa: E402
+
+_NOT_FOR_PROVIDER = {"generate_demo"}
+
+
+def dataset_config(data: DataConfig) -> Gemma4VLDatasetConfig:
+    """The data group as Megatron-Bridge's dataset provider."""
+    kwargs = {f.name: getattr(data, f.name) for f in fields(data) if f.name not in _NOT_FOR_PROVIDER}
+    return Gemma4VLDatasetConfig(**kwargs)
+
+
+def _freeze_hook(cfg: RunConfig):
+    """A pre-wrap hook that fixes the weights the trainer config freezes (before DDP sees the parameters)."""
+    frozen = [name for name, flag in (("vision_tower", cfg.trainer.freeze_vision_tower),
+                                      ("embed_vision", cfg.trainer.freeze_embed_vision),
+                                      ("language_model", cfg.trainer.freeze_language_model)) if flag]
+
+    def hook(model_chunks):
+        for chunk in model_chunks:
+            for name in frozen:
+                module = getattr(chunk, name, None)
+                if module is not None:
+                    module.requires_grad_(False)
+        return model_chunks
+
+    return hook if frozen else None
+
+
+def configure_provider(provider, cfg: RunConfig) -> None:
+    """Parallel layout, precision and recompute of the run on the bridge's provider."""
+    p, t = cfg.parallel, cfg.trainer
+    provider.tensor_model_parallel_size = p.tensor
+    provider.pipeline_model_parallel_size = p.pipeline
+    provider.virtual_pipeline_model_parallel_size = p.virtual_pipeline
+    provider.expert_model_parallel_size = p.expert
+    provider.expert_tensor_parallel_size = p.expert_tensor
+    provider.context_parallel_size = p.context
+    provider.sequence_parallel = p.sequence_parallel
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    provider.params_dtype = provider.pipeline_dtype = provider.autocast_dtype = dtype
+    provider.bf16 = t.precision == "bf16"
+    provider.fp16 = False
+    provider.seq_length = cfg.data.seq_length
+    provider.vision_attn_implementation = cfg.model.vision_attn_implementation
+    # On CPU the model is built in host memory (Megatron-Bridge's get_model would otherwise move it to CUDA).
+    provider.use_cpu_initialization = t.device == "cpu"
+    if t.recompute == "full":
+        provider.recompute_granularity = "full"
+        provider.recompute_method = "uniform"
+        provider.recompute_num_layers = 1
+    hook = _freeze_hook(cfg)
+    if hook is not None:
+        provider.register_pre_wrap_hook(hook)
+
+
+def _peft(cfg: RunConfig):
+    if cfg.peft.method == "none":
+        return None
+    from megatron.bridge.peft.lora import LoRA
+
+    return LoRA(target_modules=list(cfg.peft.target_modules), dim=cfg.peft.rank, alpha=cfg.peft.alpha,
+                dropout=cfg.peft.dropout)
+
+
+def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> ConfigContainer:
+    """Megatron-Bridge's config for ``cfg``. ``resume``: a checkpoint in ``cfg.checkpoint.dir`` will be loaded,
+    so the HF weights are not imported."""
+    run_dir = Path(cfg.run_dir)
+    t, o = cfg.trainer, cfg.optim
+    provider = auto_bridge.to_megatron_provider(load_weights=not resume)
+    configure_provider(provider, cfg)
+    bf16 = t.precision == "bf16"
+    logger = LoggerConfig(log_interval=t.log_interval, log_throughput=True, log_progress=False,
+                          timing_log_level=0)
+    if cfg.logger.backend == "tensorboard":
+        logger.tensorboard_dir = str(run_dir / "tensorboard")
+    elif cfg.logger.backend == "wandb":
+        logger.tensorboard_dir = str(run_dir / "tensorboard")  # Megatron-Bridge logs wandb through its writer
+        logger.wandb_project = cfg.logger.project
+        logger.wandb_entity = cfg.logger.entity
+        logger.wandb_exp_name = cfg.name
+        logger.wandb_save_dir = str(run_dir)
+    ckpt_dir = str(Path(cfg.checkpoint.dir))
+    return ConfigContainer(
+        rng=RNGConfig(seed=t.seed),
+        train=TrainingConfig(
+            train_iters=t.train_iters,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size,
+            exit_signal_handler=t.exit_on_signal,
+        ),
+        validation=ValidationConfig(eval_interval=t.eval_interval, eval_iters=t.eval_iters if t.eval_interval else 0),
+        model=provider,
+        optimizer=OptimizerConfig(
+            optimizer=o.optimizer,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=o.use_distributed_optimizer,
+        ),
+        scheduler=SchedulerConfig(
+            lr_decay_style=o.decay_style,
+            lr_warmup_iters=o.warmup_iters,
+            lr_decay_iters=o.decay_iters if o.decay_iters is not None else t.train_iters,
+            start_weight_decay=o.weight_decay,
+            end_weight_decay=o.weight_decay,
+            weight_decay_incr_style="constant",
+        ),
+        ddp=DistributedDataParallelConfig(
+            use_distributed_optimizer=o.use_distributed_optimizer,
+            grad_reduce_in_fp32=True,
+            check_for_nan_in_grad=True,
+        ),
+        dataset=dataset_config(cfg.data),
+        logger=logger,
+        tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=provider.vocab_size),
+        checkpoint=CheckpointConfig(
+            save=ckpt_dir,
+            load=ckpt_dir if resume else None,
+            save_interval=cfg.checkpoint.save_interval,
+            most_recent_k=cfg.checkpoint.keep_last if cfg.checkpoint.keep_last is not None else -1,
+            ckpt_format="torch_dist",
+            async_save=False,
+        ),
+        dist=DistributedInitConfig(distributed_backend="gloo" if t.device == "cpu" else "nccl"),
+        peft=_peft(cfg),
+    )

@@ -1,0 +1,307 @@
+"""Schemas of the Hydra config groups (``conf/<group>/*.yaml``), one dataclass per group, one docstring per field.
+
+Hydra composes ``conf/config.yaml`` onto :class:`RunConfig` (registered in Hydra's ConfigStore as ``run_schema``),
+so an unknown key or a value of the wrong type fails at composition with the key's full name. Cross-field rules
+(parallel arithmetic, batch sizes, choices) are checked by :func:`gemma4vl.config.validate.validate` before any
+weight is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gemma4vl.data.config import Gemma4VLDataConfig
+
+MISSING = "???"
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to finetune (the architecture comes from its config.json through the bridge)."""
+
+    name: str = MISSING
+    """Short model name, used in run names and logs (e.g. ``gemma4_26b_a4b``)."""
+
+    hf_path: str = MISSING
+    """Hugging Face checkpoint directory (config.json, safetensors, processor files) imported at startup."""
+
+    generate_fixture: str | None = None
+    """If set and ``hf_path`` has no config.json: write a random test checkpoint of this variant there first
+    (``tiny-moe`` or ``real-width``, see :mod:`gemma4vl.testing.fixtures`). Only for demos and benchmarks."""
+
+    fixture_num_layers: int | None = None
+    """Decoder layers of a generated fixture (None: the variant's default)."""
+
+    vision_attn_implementation: str = "sdpa"
+    """transformers attention implementation of the vision tower: ``sdpa`` or ``eager``."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallel size is implied: DP = world size / (TP * PP * CP)."""
+
+    tensor: int = 1
+    """Tensor parallel size (TP); must divide the KV heads of both attention layer types and the vocabulary."""
+
+    pipeline: int = 1
+    """Pipeline parallel size (PP); must divide the number of layers (times ``virtual_pipeline``)."""
+
+    virtual_pipeline: int | None = None
+    """Virtual pipeline stages per pipeline rank (interleaved schedule), or None."""
+
+    expert: int = 1
+    """Expert parallel size (EP); must divide the number of experts."""
+
+    expert_tensor: int = 1
+    """Expert tensor parallel size (ETP) of the routed experts."""
+
+    context: int = 1
+    """Context parallel size; Gemma 4's attention here supports 1 only."""
+
+    sequence_parallel: bool = False
+    """Split activations along the sequence over TP ranks outside attention / MLP (required for MoE with TP > 1)."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, gradient clipping and learning-rate schedule."""
+
+    optimizer: str = "adam"
+    """``adam`` (AdamW: decoupled weight decay) or ``sgd``."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Clip the global gradient L2 norm to this value (0 disables clipping)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+    warmup_iters: int = 0
+    """Linear warmup iterations."""
+
+    decay_style: str = "cosine"
+    """``cosine``, ``linear`` or ``constant`` after warmup."""
+
+    decay_iters: int | None = None
+    """Iterations over which the LR decays to ``min_lr`` (None: the whole run)."""
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient finetuning."""
+
+    method: str = "none"
+    """``none`` (full finetuning) or ``lora``."""
+
+    rank: int = 16
+    """LoRA rank."""
+
+    alpha: float = 32.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+
+    target_modules: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj"])
+    """Megatron module names to adapt (e.g. ``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``)."""
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+
+    device: str = "cpu"
+    """``cpu`` (gloo, the CPU backend) or ``cuda`` (NCCL)."""
+
+    train_iters: int = 100
+    """Optimizer steps."""
+
+    micro_batch_size: int = 1
+    """Rows (packed sequences) per micro batch per data-parallel rank."""
+
+    global_batch_size: int = 8
+    """Rows per optimizer step over all data-parallel ranks; a multiple of micro_batch_size * DP."""
+
+    precision: str = "fp32"
+    """``fp32``, or ``bf16`` (bf16 parameters and activations, fp32 main weights in the optimizer)."""
+
+    recompute: str = "none"
+    """Activation recomputation: ``none`` or ``full`` (recompute every layer in the backward pass)."""
+
+    freeze_vision_tower: bool = False
+    """Keep the vision tower's weights fixed."""
+
+    freeze_embed_vision: bool = False
+    """Keep the multimodal projector's weights fixed."""
+
+    freeze_language_model: bool = False
+    """Keep the language model's weights fixed (train only the unfrozen vision parts / adapters)."""
+
+    eval_interval: int | None = 50
+    """Evaluate on the validation split every this many steps (None: never during training)."""
+
+    eval_iters: int = 4
+    """Validation batches per evaluation."""
+
+    log_interval: int = 10
+    """Print a progress line (and log metrics) every this many steps."""
+
+    seed: int = 1234
+    """Seed of model-parallel RNG streams and the data order."""
+
+    exit_on_signal: bool = True
+    """On SIGTERM / SIGUSR1: save a checkpoint and exit with status 143 (see docs), so Slurm can requeue."""
+
+
+@dataclass
+class LoggerConfig:
+    """Metrics logging."""
+
+    backend: str = "none"
+    """``none``, ``tensorboard`` or ``wandb``."""
+
+    project: str = "gemma4vl"
+    """wandb project."""
+
+    entity: str | None = None
+    """wandb entity (team or user), or None for the default."""
+
+    wandb_mode: str = "auto"
+    """``online``, ``offline``, or ``auto``: online when an API key is configured, offline otherwise."""
+
+    val_image_samples: int = 4
+    """Validation images logged with the model's answers (wandb table) at each evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed (Megatron) checkpoints of the training state, for resume."""
+
+    save_interval: int | None = 50
+    """Save every this many steps (None: only at the end and on a signal)."""
+
+    dir: str = "${run_dir}/checkpoints"
+    """Where checkpoints go."""
+
+    keep_last: int | None = 2
+    """Keep only the newest this many checkpoints (None: keep all)."""
+
+    resume: bool = True
+    """Resume from the newest complete checkpoint in ``dir`` when there is one."""
+
+
+@dataclass
+class ExportConfig:
+    """The Hugging Face export at the end of training."""
+
+    enabled: bool = True
+    """Export (and verify) an HF checkpoint when training finishes."""
+
+    dir: str = "${run_dir}/hf_export"
+    """Destination directory (written atomically)."""
+
+    dtype: str = "source"
+    """``source`` (the imported checkpoint's dtype), ``bfloat16`` or ``float32``."""
+
+    max_shard_size: str = "5GB"
+    """Largest safetensors shard (e.g. ``5GB``, ``500MB``)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig(Gemma4VLDataConfig):
+    """The data group: the fields of :class:`gemma4vl.data.config.Gemma4VLDataConfig` (documented there), the
+    demo switch, and Megatron-Bridge's dataloader fields (``megatron.bridge.data.base.DataloaderConfig``). All but
+    ``generate_demo`` become :class:`gemma4vl.data.provider.Gemma4VLDatasetConfig`."""
+
+    generate_demo: bool = False
+    """Write the synthetic demo VQA set (:mod:`gemma4vl.data.demo`) at ``path`` first when it holds no data."""
+
+    dataloader_type: str = "single"
+    """Megatron sampler: ``single`` (in order, sharded by data-parallel rank, resumable) or ``cyclic``."""
+
+    num_workers: int = 2
+    """DataLoader worker processes."""
+
+    data_sharding: bool = True
+    """Shard the data over data-parallel ranks."""
+
+    pin_memory: bool = False
+    """Pin batches in host memory (worth it on GPUs)."""
+
+    drop_last: bool = True
+    """Drop the last incomplete batch."""
+
+    persistent_workers: bool = True
+    """Keep DataLoader workers alive between epochs."""
+
+    trust_remote_code: bool | None = None
+    """Trust remote code of a hub dataset."""
+
+    dataloader_save: str | None = None
+    """Megatron-Bridge dataloader-state directory (Energon only; unused here)."""
+
+    dataloader_load: str | None = None
+    """Megatron-Bridge dataloader-state directory to load (Energon only; unused here)."""
+
+
+@dataclass
+class RunConfig:
+    """A finetuning run: the composition of every group."""
+
+    name: str = "demo"
+    """Run name (logs, wandb run name); the default run directory derives from it."""
+
+    run_dir: str = "outputs/${name}"
+    """Everything the run writes: resolved config, checkpoints, logs, hf_export. Rerunning with the same run
+    directory resumes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """See :class:`ModelConfig`."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """See :class:`ParallelConfig`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """See :class:`DataConfig`."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """See :class:`OptimConfig`."""
+
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """See :class:`PeftConfig`."""
+
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """See :class:`TrainerConfig`."""
+
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """See :class:`LoggerConfig`."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """See :class:`CheckpointConfig`."""
+
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """See :class:`ExportConfig`."""
+
+
+def register_configs() -> None:
+    """Register :class:`RunConfig` in Hydra's ConfigStore as ``run_schema`` (conf/config.yaml builds on it)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -1,0 +1,90 @@
+"""Megatron-Bridge callbacks of a gemma4vl run: the progress line and the metrics history.
+
+Every step the last rank (which holds the loss) appends ``{"step", "loss", "grad_norm", "lr", "seconds"}`` to
+``<run_dir>/metrics.jsonl`` (validation results as ``{"step", "val_loss"}``); every ``log_interval`` steps it
+prints
+
+    step 20/60 | loss 2.3141 | grad norm 1.92 | lr 8.6e-05 | 1843 tok/s | ETA 0:01:12
+
+where tok/s counts the sequence positions processed (global batch x sequence length per step time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.bridge.training.callbacks import Callback, CallbackContext
+
+
+def _is_last_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def _scalar(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):  # (sum, count) pairs
+        total, count = (float(v) for v in value)
+        return total / max(count, 1.0)
+    if isinstance(value, torch.Tensor):
+        return float(value.float().mean())
+    return float(value)
+
+
+class ProgressCallback(Callback):
+    """Progress line and ``metrics.jsonl`` (see module docstring)."""
+
+    def __init__(self, run_dir: str | Path, log_interval: int, tokens_per_step: int, total_steps: int):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.log_interval = log_interval
+        self.tokens_per_step = tokens_per_step
+        self.total_steps = total_steps
+        self._last = None
+        self._durations: list[float] = []
+
+    def _write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_step_start(self, context: CallbackContext) -> None:
+        self._last = time.perf_counter()
+
+    def on_train_step_end(self, context: CallbackContext) -> None:
+        if not _is_last_rank():
+            return
+        seconds = time.perf_counter() - self._last
+        self._durations = (self._durations + [seconds])[-20:]
+        step = context.state.train_state.step
+        losses = context.loss_dict or {}
+        loss = _scalar(losses.get("lm loss"))
+        lr = context.optimizer.param_groups[0]["lr"] if context.optimizer is not None else None
+        record = {"step": step, "loss": loss, "grad_norm": _scalar(context.grad_norm), "lr": lr,
+                  "seconds": seconds, "skipped": bool(context.skipped_iter)}
+        self._write(record)
+        if step % self.log_interval == 0 or step == self.total_steps:
+            mean = sum(self._durations) / len(self._durations)
+            eta = timedelta(seconds=round(mean * (self.total_steps - step)))
+            grad = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3g}"
+            print(f"step {step}/{self.total_steps} | loss {loss:.4f} | grad norm {grad} | lr {lr:.3g} | "
+                  f"{self.tokens_per_step / mean:.0f} tok/s | ETA {eta}", flush=True)
+
+    def on_eval_end(self, context: CallbackContext) -> None:
+        if not _is_last_rank():
+            return
+        val = _scalar((context.total_loss_dict or {}).get("lm loss"))
+        step = context.state.train_state.step
+        self._write({"step": step, "val_loss": val})
+        print(f"validation at step {step}: loss {val:.4f}", flush=True)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``<run_dir>/metrics.jsonl`` in order (empty when the run has not logged yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

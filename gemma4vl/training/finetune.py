@@ -1,0 +1,232 @@
+"""``finetune(cfg)``: a whole finetuning run, as ``recipes/finetune.py`` calls it (setup, train, save, cleanup).
+
+1. setup: runtime for the device, process group, inputs generated when the config asks for demo inputs, the
+   checkpoint's config read and the run config validated (before any weight is read), resume detection;
+2. train: Megatron-Bridge's ``setup`` (model built with the HF weights imported through our bridge, or restored
+   from the newest checkpoint), ``train`` with our forward step, evaluation and periodic checkpoints;
+3. save: the HF export (un-fused with the trained norms, verified, written atomically) into ``<run_dir>/hf_export``;
+4. cleanup: Megatron-Bridge's finish (async saves, loggers) and the process group.
+
+Works as one process or under ``torchrun`` (one process per device).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from gemma4vl.config.schema import RunConfig
+from gemma4vl.runtime import setup_runtime
+
+logger = logging.getLogger("gemma4vl")
+
+EXIT_PREEMPTED = 75
+"""Exit status after a SIGTERM / SIGUSR1 made the run save a checkpoint and stop (``EX_TEMPFAIL``): the Slurm
+launcher requeues on it, and rerunning the same command resumes."""
+
+
+@dataclass
+class FinetuneResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    """The run directory."""
+
+    steps: int
+    """Optimizer steps completed (including resumed ones)."""
+
+    resumed_from: int | None
+    """The checkpointed step this process resumed from, or None."""
+
+    export_dir: Path | None
+    """The verified HF export, or None when export is disabled."""
+
+    preempted: bool
+    """True when a signal stopped the run early (a checkpoint was saved)."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def init_process_group(device: str) -> None:
+    """The default process group from torchrun's variables (or a 1-process group), gloo on CPU, NCCL on GPUs."""
+    if dist.is_initialized():
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 or "MASTER_ADDR" in os.environ:
+        backend = "gloo" if device == "cpu" else "nccl"
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+
+
+def prepare_inputs(cfg: RunConfig) -> None:
+    """Generate the demo checkpoint / dataset when the config asks for them and they are missing (rank 0)."""
+    model_dir = Path(cfg.model.hf_path)
+    if cfg.model.generate_fixture and not (model_dir / "config.json").exists():
+        from gemma4vl.testing.fixtures import write_checkpoint
+
+        logger.info("writing the %s test checkpoint to %s", cfg.model.generate_fixture, model_dir)
+        write_checkpoint(model_dir, variant=cfg.model.generate_fixture, num_layers=cfg.model.fixture_num_layers,
+                         max_soft_tokens=cfg.data.max_soft_tokens, overwrite=True)
+    if cfg.data.generate_demo:
+        from gemma4vl.data.demo import demo_dataset_exists, write_demo_dataset
+
+        if not demo_dataset_exists(cfg.data.path):
+            logger.info("writing the demo dataset to %s", cfg.data.path)
+            write_demo_dataset(cfg.data.path)
+
+
+def resolve_hf_path(path: str) -> Path:
+    """A local checkpoint directory for ``path`` (a directory, or a hub id downloaded where the hub is reachable)."""
+    local = Path(path)
+    if (local / "config.json").is_file():
+        return local
+    if local.exists() or path.startswith((".", "/")):
+        raise FileNotFoundError(f"model.hf_path={path}: no config.json there (expected a Hugging Face checkpoint)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=path))
+
+
+def latest_checkpoint_step(ckpt_dir: str | Path) -> int | None:
+    """The step of the newest *complete* checkpoint in ``ckpt_dir`` (Megatron writes the tracker file only
+    after every rank finished its save), or None."""
+    tracker = Path(ckpt_dir) / "latest_checkpointed_iteration.txt"
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    return int(text) if text.isdigit() else None
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics of steps after ``step`` (they are recomputed after a resume)."""
+    from gemma4vl.training.callbacks import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        import json
+
+        kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _export_dtype(cfg: RunConfig) -> torch.dtype | None:
+    return None if cfg.export.dtype == "source" else getattr(torch, cfg.export.dtype)
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def finetune(cfg: RunConfig) -> FinetuneResult:
+    """Run ``cfg`` end to end (see module docstring)."""
+    from gemma4vl.bridge import read_hf_config
+    from gemma4vl.config.validate import validate
+
+    setup_runtime(cfg.trainer.device)
+    init_process_group(cfg.trainer.device)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    run_dir = Path(cfg.run_dir)
+    if _rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_inputs(cfg)
+    _barrier()
+    hf_dir = resolve_hf_path(cfg.model.hf_path)
+    validate(cfg, world_size, read_hf_config(hf_dir))
+    resumed_from = latest_checkpoint_step(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+    if _rank() == 0:
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+        if resumed_from is not None:
+            _truncate_metrics(run_dir, resumed_from)
+            print(f"resuming from the checkpoint of step {resumed_from} in {cfg.checkpoint.dir}", flush=True)
+    _barrier()
+    state, model, preempted = _train(cfg, hf_dir, resume=resumed_from is not None)
+    steps = state.train_state.step
+    export_dir = None
+    if cfg.export.enabled and not preempted:
+        export_dir = _export(cfg, state, model)
+    _finish(state)
+    if preempted:
+        print(f"stopped by a signal after step {steps}; checkpoint saved in {cfg.checkpoint.dir} "
+              f"(exit status {EXIT_PREEMPTED}: rerun the same command to resume)", flush=True)
+    return FinetuneResult(run_dir, steps, resumed_from, export_dir, preempted)
+
+
+def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
+    import gemma4vl.bridge  # noqa: F401  (registers the bridge)
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.data.utils import get_dataset_provider
+    from megatron.bridge.training.callbacks import CallbackManager
+    from megatron.bridge.training.config import runtime_config_update
+    from megatron.bridge.training.setup import setup
+    from megatron.bridge.training.state import GlobalState
+    from megatron.bridge.training.train import train
+
+    from gemma4vl.config.container import build_config_container
+    from gemma4vl.training.callbacks import ProgressCallback
+    from gemma4vl.training.forward_step import forward_step
+
+    auto_bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+    container = build_config_container(cfg, auto_bridge, resume=resume)
+    runtime_config_update(container)
+    state = GlobalState()
+    state.cfg = container
+    state.auto_bridge = auto_bridge
+    callbacks = CallbackManager()
+    callbacks.add(ProgressCallback(cfg.run_dir, cfg.trainer.log_interval,
+                                   tokens_per_step=cfg.trainer.global_batch_size * cfg.data.seq_length,
+                                   total_steps=cfg.trainer.train_iters))
+    out = setup(state, get_dataset_provider(container.dataset), callback_manager=callbacks)
+    train(forward_step, out.model, out.optimizer, out.scheduler, out.train_data_iterator, out.valid_data_iterator,
+          out.state, out.checkpoint_manager, out.pg_collection, callback_manager=callbacks)
+    state = out.state
+    state.checkpoint_manager = out.checkpoint_manager
+    preempted = state.train_state.step < cfg.trainer.train_iters
+    return state, out.model, preempted
+
+
+def _export(cfg: RunConfig, state, model) -> Path | None:
+    from gemma4vl.export import export_hf_checkpoint
+
+    report = export_hf_checkpoint(state.auto_bridge, model, cfg.export.dir, dtype=_export_dtype(cfg),
+                                  max_shard_bytes=_parse_size(cfg.export.max_shard_size), overwrite=True)
+    if report is not None:
+        print(f"exported {report.num_tensors} tensors ({report.num_bytes / 1e9:.2f} GB, {report.dtype}) to "
+              f"{report.path} in {report.seconds:.1f} s; verified", flush=True)
+    return Path(cfg.export.dir)
+
+
+def _finish(state) -> None:
+    from megatron.bridge.training.train import _finish_train
+
+    _finish_train(state, state.checkpoint_manager)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main_exit_code(result: FinetuneResult) -> int:
+    """Process exit status for ``result``: 0, or :data:`EXIT_PREEMPTED` after a signal."""
+    return EXIT_PREEMPTED if result.preempted else 0
+
+
+if __name__ == "__main__":  # pragma: no cover - use recipes/finetune.py
+    sys.exit("use: python -m recipes.finetune")

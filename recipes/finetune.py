@@ -1,0 +1,29 @@
+"""Finetune a Gemma 4 VL model:  ``python -m recipes.finetune [group=option ...] [key=value ...]``.
+
+With no arguments: the CPU demo (tiny random model, synthetic VQA). Groups: model, parallel, data, optim, peft,
+trainer, logger, checkpoint, export, experiment, debug (see conf/). Under torchrun or Slurm, see launch/.
+Exit status: 0 when done, 75 when a SIGTERM / SIGUSR1 stopped the run after saving a checkpoint (rerun the
+same command to resume).
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from gemma4vl.config import register_configs
+from gemma4vl.config.compose import to_run_config
+from gemma4vl.training.finetune import finetune, main_exit_code
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    code = main_exit_code(finetune(to_run_config(cfg)))
+    if code:
+        sys.exit(code)  # SystemExit passes through Hydra's error reporting
+
+
+if __name__ == "__main__":
+    main()
