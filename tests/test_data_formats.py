@@ -211,3 +211,26 @@ def test_directory_splits_and_missing_paths(tmp_path):
         load_source(str(tmp_path / "nope.jsonl"), "train")
     assert load_source(str(d / "train-00000.jsonl"), "train").image_root == str(d.resolve())
     assert np.array_equal(load_source(str(d), "train", max_rows=1).dataset["x"], [1])
+
+
+def test_hub_name_goes_through_load_dataset(processor_dir, tmp_path, monkeypatch, reference):
+    """A name that is no local path is a hub dataset: ``datasets.load_dataset(name, split=...)`` (stubbed here: no
+    hub access in CI); it has no image directory, so relative image paths in it are bad rows."""
+    calls = []
+    by_path = messages_row({"path": "a.png", "bytes": None}, {"path": "b.png", "bytes": None}, inline=False)
+    hub = datasets.Dataset.from_list([messages_row(*images(), inline=False), by_path])  # a datasets.Image column
+    assert isinstance(hub.features["images"].feature, datasets.Image)
+
+    def fake_load_dataset(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        return hub
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = config(processor_dir, "someone/vqa-set", thought_prefix="none", bad_rows="skip", max_skipped_fraction=0.5,
+                 cache_dir=str(tmp_path / "cache"))
+    ds = cfg.build_split("train")
+    assert calls == [("someone/vqa-set", (), {"split": "train", "cache_dir": str(tmp_path / "cache" / "hf_datasets")})]
+    assert ds.plan.skipped() == {"missing_image": 1} and "no image directory (set image_root)" in ds.plan.examples[0]
+    batch = ds.collate_fn([ds[0]])
+    assert torch.equal(batch["input_ids"], reference[1]["input_ids"])
+    assert torch.equal(batch["pixel_values"], reference[1]["pixel_values"])
