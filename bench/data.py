@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one DataLoader worker's share
+    load_before = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory(prefix="gemma4vl-bench-") as tmp:
         tmp = Path(tmp)
@@ -184,6 +186,8 @@ def main(argv=None) -> int:
         print(f"realistic rows: one 896x896 JPEG ({info['jpeg_kb']:.0f} KB mean) -> 256 soft tokens + 2 markers, "
               f"{text_tokens:.0f} text tokens (template included); {torch.get_num_threads()} torch thread(s)")
     print_table(results)
+    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} "
+          "after (other processes compete for the CPUs when it is above the bench's own ~1-2)")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -233,13 +233,23 @@ def process_pixels(rgb: np.ndarray, settings: ImageSettings) -> ProcessedImage:
     return ProcessedImage(image, grid, grid[0] * grid[1] // settings.pooling_kernel_size**2)
 
 
+def empty_for_transfer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty``, but in shared memory inside a DataLoader worker (as ``default_collate`` does), so the batch
+    is written once instead of being copied into shared memory again when it is sent to the main process."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(int(np.prod(shape)), device=elem.device)
+    return elem.new(storage).view(shape)
+
+
 def to_pixel_values(images: list[ProcessedImage] | list[tuple[torch.Tensor, tuple[int, int]]],
                     settings: ImageSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """``pixel_values`` [n, max_patches, p*p*3] float32 and ``image_position_ids`` [n, max_patches, 2] long, as the
     processor makes them: patches row-major, each flattened (ph, pw, c), ``uint8 * rescale_factor``, padded with
     zeros / (-1, -1). Each image is written once, straight from its uint8 pixels."""
     n, p = len(images), settings.patch_size
-    pixel_values = torch.empty(n, settings.max_patches, settings.patch_dim, dtype=torch.float32)
+    pixel_values = empty_for_transfer((n, settings.max_patches, settings.patch_dim), torch.float32)
     positions = torch.full((n, settings.max_patches, 2), -1, dtype=torch.long)
     for i, item in enumerate(images):
         pixels, (gh, gw) = (item.pixels, item.grid) if isinstance(item, ProcessedImage) else item
