@@ -117,3 +117,33 @@ def test_megatron_sampler_shards_and_resumes(provider_cls, processor_dir, demo):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
     first = valid.collate_fn([valid[0]])
     assert first["input_ids"].shape == (1, 512) and first["pixel_values"].dtype == torch.float32
+
+
+def _build_on_rank(processor_path: str, data_dir: str, cache_dir: str):
+    """One rank of test_ranks_share_one_plan: build the training set, report its plan and whether it was read."""
+    import logging
+
+    import torch.distributed as dist
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    log = logging.getLogger("gemma4vl.data")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    cfg = Gemma4VLDataConfig(processor_path=processor_path, path=data_dir, seq_length=512, cache_dir=cache_dir)
+    ds = cfg.build_split("train", num_samples=64)
+    return (dist.get_rank(), ds.plan.bin_rows.tolist(), [ds.bin_of(i) for i in range(len(ds))],
+            any("cached plan" in m for m in messages))
+
+
+def test_ranks_share_one_plan(processor_dir, demo, tmp_path):
+    """Rank 0 computes and caches the plan while rank 1 waits at a barrier, then reads it: same rows, same order."""
+    from gemma4vl.testing.distributed import run_distributed
+
+    results = run_distributed(_build_on_rank, 2, str(processor_dir), str(demo), str(tmp_path / "cache"),
+                              timeout=240)
+    (r0, rows0, order0, cached0), (r1, rows1, order1, cached1) = results
+    assert (r0, r1) == (0, 1) and rows0 == rows1 and order0 == order1
+    assert (cached0, cached1) == (False, True)
+    assert len(list((tmp_path / "cache").glob("plan-*.npz"))) == 1

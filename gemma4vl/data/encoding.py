@@ -72,14 +72,19 @@ class ConversationEncoder:
         self.train_on = train_on
         self._template = _compile_jinja_template(template)
         self._template_vars = dict(self.tokenizer.special_tokens_map)
+        for name in ("image_token_id", "image_token", "boi_token", "eoi_token"):
+            if getattr(processor, name, None) is None:
+                raise ValueError(f"the processor has no {name}: not a Gemma4Processor")
         tok = self.tokenizer
-        self.image_token_id = int(tok.image_token_id)
-        self.boi_id = int(tok.convert_tokens_to_ids(tok.boi_token))
-        self.eoi_id = int(tok.convert_tokens_to_ids(tok.eoi_token))
+        self.image_token_id = int(processor.image_token_id)
+        self.image_token = processor.image_token
+        self.boi_id = int(tok.convert_tokens_to_ids(processor.boi_token))
+        self.eoi_id = int(tok.convert_tokens_to_ids(processor.eoi_token))
+        if tok.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token")
         self.pad_id = int(tok.pad_token_id)
-        self.image_token = tok.image_token
-        self.end_of_turn = tok.eot_token if getattr(tok, "eot_token", None) else "<turn|>"
         self.header, self.empty_channel = self._probe_generation_prompt()
+        self.end_of_turn = self._probe_end_of_turn()
 
     # ------------------------------------------------------------------------------------------------ template
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False,
@@ -99,6 +104,17 @@ class ConversationEncoder:
         if channel not in ("", CHANNEL_OPEN + CHANNEL_CLOSE):
             raise ValueError(f"unexpected thought prefix {channel!r} in the generation prompt")
         return on, channel
+
+    def _probe_end_of_turn(self) -> str:
+        """The marker that closes an answer (``<turn|>``), from how the template renders one."""
+        user = [{"role": "user", "content": "x"}]
+        delta = self.render(user + [{"role": "assistant", "content": "y"}])[len(self.render(user)):]
+        if not delta.startswith(self.header + "y"):
+            raise ValueError(f"unexpected chat template: an answer renders as {delta!r}")
+        marker = delta[len(self.header) + 1:].rstrip()
+        if not marker:
+            raise ValueError(f"unexpected chat template: answers have no end-of-turn marker ({delta!r})")
+        return marker
 
     def segments(self, messages: Sequence[dict]) -> tuple[list[tuple[str, bool]], list[int]]:
         """Text pieces (text, is_target) and, per message, the index of the piece that ends it (messages between

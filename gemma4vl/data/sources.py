@@ -129,12 +129,9 @@ def _builder(files: list[str], where: str) -> str:
 def _fingerprint(dataset, extra: str) -> str:
     h = hashlib.sha256()
     h.update(f"{getattr(dataset, '_fingerprint', '')}|{len(dataset)}|{dataset.column_names}|{extra}".encode())
-    for f in getattr(dataset, "cache_files", []) or []:
-        try:
-            st = os.stat(f["filename"])
-            h.update(f"{f['filename']}|{st.st_size}|{st.st_mtime_ns}".encode())
-        except OSError:
-            pass
+    for f in dataset.cache_files:
+        st = os.stat(f["filename"])
+        h.update(f"{f['filename']}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
