@@ -83,7 +83,7 @@ def test_bad_row_skip_policy(case, processor_dir, tmp_path, caplog):
     assert [ds[i]["num_samples"] for i in range(len(ds))] == [1, 1, 1]
     logged = [r.getMessage() for r in caplog.records if "skipping bad row" in r.getMessage()]
     assert len(logged) == 1 and f"row 2: {reason}" in logged[0]
-    assert f"[train]: 3 of 4 rows used" in ds.plan.summary(str(path) + " [train]")
+    assert "[train]: 3 of 4 rows used" in ds.plan.summary(str(path) + " [train]")
 
 
 def truncated_png_case(tmp_path):

@@ -138,3 +138,24 @@ def test_epochs_resume_and_determinism(processor_dir, tmp_path):
         a, b = ds[i], fresh[i]
         assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "position_ids", "segment_ids"))
         assert all(torch.equal(x[0], y[0]) for x, y in zip(a["images"], b["images"]))
+
+
+def test_parallel_length_pass_matches_serial(processor_dir, tmp_path):
+    """plan_num_proc > 1 gives the identical plan; a bad row found in a worker process still names its row."""
+    import json
+
+    from gemma4vl.data import BadRowError
+
+    rows = [{"messages": [{"role": "user", "content": f"Question {i} " + "x" * (i % 37)},
+                          {"role": "assistant", "content": f"Answer {i}."}]} for i in range(1200)]
+    rows[1100] = {"messages": [{"role": "user", "content": [{"type": "image", "image": "gone.png"}]},
+                               {"role": "assistant", "content": "?"}]}
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plans = [config(processor_dir, path, packing=True, shuffle=True, seq_length=512, bad_rows="skip",
+                    plan_num_proc=n, cache_dir=str(tmp_path / f"c{n}")).build_split("train").plan for n in (1, 2)]
+    for name in ("lengths", "status", "truncation", "bin_offsets", "bin_rows"):
+        assert np.array_equal(getattr(plans[0], name), getattr(plans[1], name)), name
+    assert plans[1].skipped() == {"missing_image": 1}
+    with pytest.raises(BadRowError, match=r"row 1100: missing_image"):
+        config(processor_dir, path, plan_num_proc=2, cache_dir=str(tmp_path / "e")).build_split("train")

@@ -16,13 +16,13 @@ How the text is built (so the loss mask is right by construction, not by searchi
    ``<|image>`` + N x ``<|image|>`` + ``<image|>`` (N from the image size and budget), exactly the processor's
    expansion. Tests check the ids against ``Gemma4Processor.__call__``.
 
-Targets are per token (the token itself is to be predicted); :mod:`gemma4vl.data.packing` shifts them into labels.
+Targets are per token (the token itself is to be predicted); :mod:`gemma4vl.data.collate` shifts them into labels.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

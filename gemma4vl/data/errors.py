@@ -48,6 +48,9 @@ class BadRowError(ValueError):
         self.row = row
         super().__init__(self._message())
 
+    def __reduce__(self):  # picklable across length-pass processes and DataLoader workers
+        return (_rebuild, (self.reason, self.detail, self.dataset, self.row))
+
     def _message(self) -> str:
         where = []
         if self.dataset is not None:
@@ -60,6 +63,10 @@ class BadRowError(ValueError):
     def located(self, dataset: str, row: int) -> "BadRowError":
         """The same error with its dataset and row filled in (raised where they are known)."""
         return BadRowError(self.reason, self.detail, dataset=dataset, row=row)
+
+
+def _rebuild(reason: str, detail: str, dataset: str | None, row: int | None) -> BadRowError:
+    return BadRowError(reason, detail, dataset=dataset, row=row)
 
 
 @dataclasses.dataclass

@@ -14,10 +14,10 @@ Formats (``format`` in the config):
   column. Roles: human / user / gpt / assistant / system.
 
 A content without images becomes one string (its text parts joined), so a conversation renders the same
-whether a file stored it as strings or as part lists. In every format a string content may hold ``image_placeholder`` markers that take images from the images column in
-order; the number of placeholders must equal the number of images. An image value is a path (relative to the image
-root), raw bytes, a ``datasets.Image`` struct ``{"bytes", "path"}``, a PIL image or a ``data:`` URI; it is only
-decoded later (:mod:`gemma4vl.data.images`).
+whether a file stored it as strings or as part lists. In every format a string content may hold
+``image_placeholder`` markers that take images from the images column in order; the number of placeholders must
+equal the number of images. An image value is a path (relative to the image root), raw bytes, a ``datasets.Image``
+struct ``{"bytes", "path"}``, a PIL image or a ``data:`` URI; it is only decoded later (:mod:`gemma4vl.data.images`).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, (list, tuple)) and len(value) == 0) or value == ""
 
 
-def _image_list(value: Any, column: str) -> list[Any]:
+def _image_list(value: Any) -> list[Any]:
     if _is_empty(value):
         return []
     if isinstance(value, (list, tuple)):
@@ -163,7 +163,8 @@ def _content(content: Any, where: str, placeholder: str, pool: _Images, images: 
     parts, inline = [], 0
     for j, part in enumerate(content):
         if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
-            raise BadRowError("malformed_row", f"{where}.content[{j}] must be a mapping with a 'type', got {part!r:.80}")
+            raise BadRowError("malformed_row",
+                              f"{where}.content[{j}] must be a mapping with a 'type', got {part!r:.80}")
         kind = part["type"]
         if kind == "text":
             text = part.get("text")
@@ -200,7 +201,7 @@ def parse_row(row: Mapping[str, Any], fmt: str, spec: FormatSpec, *, image_place
     if not isinstance(raw, (list, tuple)):
         raise BadRowError("malformed_row", f"column {column!r} must be a list of messages, got {type(raw).__name__}")
     if spec.images_column is not None and spec.images_column in row:
-        pool = _Images(_image_list(row[spec.images_column], spec.images_column), spec.images_column)
+        pool = _Images(_image_list(row[spec.images_column]), spec.images_column)
     else:
         pool = _Images([], spec.images_column)
 

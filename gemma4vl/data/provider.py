@@ -38,7 +38,8 @@ class Gemma4VLDatasetConfig(Gemma4VLDataConfig, DatasetProvider):
     def __post_init__(self) -> None:
         Gemma4VLDataConfig.__post_init__(self)
         if self.dataloader_type not in ("single", "cyclic", "batch", "external", None):
-            raise ValueError(f"dataset.dataloader_type must be single/cyclic/batch/external, got {self.dataloader_type!r}")
+            raise ValueError("dataset.dataloader_type must be single/cyclic/batch/external, "
+                             f"got {self.dataloader_type!r}")
 
     def build_datasets(self, context):
         """(train, validation, None) for Megatron-Bridge; ``context`` is a ``DatasetBuildContext``."""
