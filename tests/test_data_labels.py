@@ -182,3 +182,16 @@ def test_length_policies_are_counted_in_the_plan(processor_dir, tmp_path):
     assert plans["truncate_turns"].skipped() == {} and plans["truncate_turns"].truncated_rows == 2
     assert plans["truncate_tokens"].skipped() == {} and plans["truncate_tokens"].truncated_rows == 2
     assert plans["truncate_tokens"].lengths.tolist()[0] == 160
+
+
+def test_prompt_for_evaluation_is_the_inference_prompt(processor):
+    """encode_prompt: everything before the last answer + the generation prompt, and the reference answer."""
+    enc = ConversationEncoder(processor, image_settings(processor))
+    msgs = reference_messages()
+    conv = parse_row({"messages": msgs}, "messages", resolve_spec("messages"))
+    ids, imgs, answer = enc.encode_prompt(conv, ImageLoader(None, max_pixels=10**7, max_bytes=10**7))
+    rendered = processor.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    ref = processor(text=[rendered], images=[[msgs[1]["content"][0]["image"], msgs[3]["content"][0]["image"]]],
+                    add_special_tokens=False)
+    assert ids.tolist() == ref["input_ids"][0] and answer == A2 and len(imgs) == 2
+    assert processor.tokenizer.decode(ids).endswith("<|turn>model\n" + CHANNEL)
