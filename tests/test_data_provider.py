@@ -51,13 +51,17 @@ def test_every_field_has_a_docstring(provider_cls):
 
 @pytest.mark.parametrize("name", ["demo", "local"])
 def test_yaml_keys_are_exactly_the_fields(name, provider_cls, processor_dir, tmp_path):
+    from gemma4vl.config.container import dataset_config
+    from gemma4vl.config.schema import DataConfig
+
     conf = OmegaConf.load(CONF / f"{name}.yaml")
-    assert set(conf.keys()) == {f.name for f in dataclasses.fields(provider_cls)}
+    # The recipe's data schema: the provider's fields plus the demo switch.
+    assert set(conf.keys()) == {f.name for f in dataclasses.fields(provider_cls)} | {"generate_demo"}
+    assert set(conf.keys()) == {f.name for f in dataclasses.fields(DataConfig)}
     conf.processor_path = str(processor_dir)
     conf.path = str(tmp_path)
-    # (Megatron-Bridge's own DataloaderConfig uses Literal types, which OmegaConf.structured cannot take: recipes
-    # build the dataclass from the plain mapping.)
-    cfg = provider_cls(**OmegaConf.to_container(conf, resolve=True))
+    cfg = dataset_config(DataConfig(**OmegaConf.to_container(conf, resolve=True)))
+    assert isinstance(cfg, provider_cls)
     assert cfg.dataloader_type == "single" and cfg.format == "messages"
 
 

@@ -82,12 +82,12 @@ def prepare_inputs(cfg: RunConfig) -> None:
         logger.info("writing the %s test checkpoint to %s", cfg.model.generate_fixture, model_dir)
         write_checkpoint(model_dir, variant=cfg.model.generate_fixture, num_layers=cfg.model.fixture_num_layers,
                          max_soft_tokens=cfg.data.max_soft_tokens, overwrite=True)
-    if cfg.data.generate_demo:
-        from gemma4vl.data.demo import demo_dataset_exists, write_demo_dataset
+    data_dir = Path(cfg.data.path)
+    if cfg.data.generate_demo and not (data_dir.exists() and any(data_dir.iterdir())):
+        from gemma4vl.data.demo import write_demo_dataset
 
-        if not demo_dataset_exists(cfg.data.path):
-            logger.info("writing the demo dataset to %s", cfg.data.path)
-            write_demo_dataset(cfg.data.path)
+        logger.info("writing the demo dataset to %s", data_dir)
+        write_demo_dataset(data_dir)
 
 
 def resolve_hf_path(path: str) -> Path:
