@@ -96,6 +96,7 @@ class Gemma4SelfAttention(MegatronModule):
                 f"Gemma 4 attention does not support context parallelism (context_parallel_size="
                 f"{config.context_parallel_size}); use 1"
             )
+        self.arch = arch
         self.layer_type = arch.layer_type(layer_number)
         self.spec = arch.attention(self.layer_type)
         config = layer_config(config, arch, self.layer_type)
@@ -153,6 +154,19 @@ class Gemma4SelfAttention(MegatronModule):
             tp_group=pg_collection.tp,
         )
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Distributed-checkpoint view of the attention weights.
+
+        Megatron-Core stacks a parameter of every decoder layer into one checkpoint tensor along a prepended layer
+        axis (``global_shape[0] == num_layers``). Sliding and full layers have different attention shapes, so each
+        type gets its own stack: the storage key is suffixed with the type and the layer axis counts the layers of
+        that type only (e.g. 25 sliding and 5 full layers in 26B-A4B)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        types = self.arch.layer_types
+        total = sum(1 for t in types if t == self.layer_type)
+        index = sum(1 for t in types[: self.layer_number - 1] if t == self.layer_type)
+        return {name: _restack(item, self.layer_type, index, total, len(types)) for name, item in state.items()}
+
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, rotary_angles: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,6 +196,26 @@ class Gemma4SelfAttention(MegatronModule):
         )
         context = context.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_partition * self.head_dim)
         return self.linear_proj(context)
+
+
+def _restack(item, layer_type: str, index: int, total: int, num_layers: int):
+    """Move one sharded checkpoint item from the all-layers stack to the stack of ``layer_type`` layers."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    if not isinstance(item, (ShardedTensor, ShardedObject)):
+        return item
+    key = f"{item.key}@{layer_type}"
+    stacked = item.global_shape and item.global_shape[0] == num_layers and (
+        not isinstance(item, ShardedTensor) or item.prepend_axis_num > 0)
+    if not stacked:
+        return replace(item, key=key)
+    changes = dict(key=key, global_shape=(total, *item.global_shape[1:]),
+                   global_offset=(index, *item.global_offset[1:]))
+    if isinstance(item, ShardedTensor) and item.axis_fragmentations is not None:
+        changes["axis_fragmentations"] = (total, *item.axis_fragmentations[1:])
+    return replace(item, **changes)
 
 
 __all__ = ["Gemma4SelfAttention", "Gemma4AttentionSubmodules", "apply_rope", "layer_config", "SLIDING", "FULL"]

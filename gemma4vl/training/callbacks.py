@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
+from gemma4vl.training.metrics import read_metrics  # noqa: F401  (re-exported)
+
 
 def _is_last_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
@@ -59,7 +61,7 @@ class ProgressCallback(Callback):
             return
         seconds = time.perf_counter() - self._last
         self._durations = (self._durations + [seconds])[-20:]
-        step = context.state.train_state.step
+        step = context.state.train_state.step + 1  # Megatron-Bridge advances the counter after this event
         losses = context.loss_dict or {}
         loss = _scalar(losses.get("lm loss"))
         lr = context.optimizer.param_groups[0]["lr"] if context.optimizer is not None else None
@@ -81,10 +83,3 @@ class ProgressCallback(Callback):
         self._write({"step": step, "val_loss": val})
         print(f"validation at step {step}: loss {val:.4f}", flush=True)
 
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``<run_dir>/metrics.jsonl`` in order (empty when the run has not logged yet)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

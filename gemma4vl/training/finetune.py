@@ -114,7 +114,7 @@ def latest_checkpoint_step(ckpt_dir: str | Path) -> int | None:
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics of steps after ``step`` (they are recomputed after a resume)."""
-    from gemma4vl.training.callbacks import read_metrics
+    from gemma4vl.training.metrics import read_metrics
 
     path = run_dir / "metrics.jsonl"
     if path.exists():
