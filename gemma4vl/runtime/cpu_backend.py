@@ -21,6 +21,7 @@ The module's global name ``torch`` is rebound to a stand-in that forwards everyt
   ``Stream``, ``current_stream``, ``stream``, ``synchronize`` and ``empty_cache`` are no-ops (CPU kernels run
   synchronously, so cross-stream ordering holds trivially); ``get_rng_state`` / ``set_rng_state`` /
   ``manual_seed`` act on the CPU default generator, which plays the role of the CUDA default generator;
+  ``device_count()`` is 0 and ``memory_stats()`` is ``{}`` (the truth: no device, no CUDA allocator);
   ``OutOfMemoryError`` is ``torch.OutOfMemoryError``. Any other ``torch.cuda.X`` raises ``AttributeError`` naming
   the module, so a call site not listed here fails loudly instead of misbehaving.
 - the factories ``tensor``, ``zeros``, ``ones``, ``empty``, ``full``, ``arange`` map a CUDA ``device=``
@@ -63,6 +64,14 @@ Modules (``megatron/core/...``) and the call sites in them that need it:
   ``torch.cuda.synchronize()``.
 - ``dist_checkpointing/strategies/state_dict_saver.py``: ``save_state_dict_async_finalize`` all-reduces a
   failure flag created on ``current_device()``.
+- ``timers.py``: ``Timer.start`` / ``stop`` call ``torch.cuda.synchronize()``; ``Timers._get_elapsed_time_all_ranks``
+  all-gathers the timings in a tensor on ``current_device()`` (Megatron-Bridge's loop times and logs through them).
+- ``rerun_state_machine.py``: ``RerunStateMachine._reduce_any`` all-reduces flags in ``device='cuda'`` tensors;
+  ``validate_result`` names ``current_device()`` in its NaN / Inf / spiky-loss messages; the rerun modes save
+  and restore RNG states through ``torch.cuda.get_rng_state`` / ``set_rng_state``.
+- ``megatron/training/models/dist_utils.py`` (shipped in the megatron-core wheel): ``_ddp_wrap``, through which
+  Megatron-Bridge wraps the model in DDP, creates a ``torch.cuda.Stream()`` for DDP initialisation and uses
+  ``current_stream`` / ``stream``.
 
 B. Replaced functions and classes (same signature and contract, CPU implementation)
 -----------------------------------------------------------------------------------
@@ -117,14 +126,30 @@ save / load / resume round trip; the tests pin the resumed losses):
   ``_init_optimizer_states_with_dummy_values`` (as upstream does for ``fsdp_dtensor``).
 - ``optimizer/distrib_optimizer.py``: ``DistributedOptimizer.load_state_dict`` gives every parameter the *same*
   ``step`` tensor; torch's Adam increments it in place once per parameter, so each step after a resume advanced
-  it by the number of parameters, silently corrupting the bias correction. Wrapped to clone the step tensors.
+  it by the number of parameters, silently corrupting the bias correction. And for the ``dp_reshardable``
+  format (Megatron-Bridge's default) the parameter-state load then overwrites every ``step`` with the dummy value
+  of its loading template (1): a resume at iteration 3 continued with Adam step 1 (found in Megatron-Bridge's
+  loop; a resume after one step hides it). Wrapped to give each parameter, after loading, a ``step`` tensor of
+  its own holding the checkpoint's param-group ``step``.
+- ``optimizer/distrib_optimizer.py``: ``DistributedOptimizer._set_main_param_and_optimizer_states`` copies
+  ``tensors[key]`` for every tensor of a parameter's optimizer state, torch Adam's ``step`` included, but the
+  ``fully_reshardable`` (and ``fully_sharded_model_space``) loaders leave ``step`` out (``load_state_dict``
+  restores it from the param groups): loading those formats failed with ``KeyError: 'step'``. Wrapped to pass
+  the keys the loader left out as ``None``, which the method already skips. With it, both distributed-optimizer
+  formats Megatron-Bridge writes (``dp_reshardable``, its default, and ``fully_reshardable`` with
+  ``dist_ckpt_optim_fully_reshardable=True``, needed to resume with another data-parallel size) resume exactly.
 
 Not covered (they fail loudly if reached): CUDA graphs, Transformer Engine, the fused / DeepEP / HybridEP MoE
 dispatchers and ``moe_permute_fusion``, NCCL user buffers, partial distributed optimizer instances, optimizer CPU
-offloading, straggler detection and NVTX. Megatron-Bridge's ``get_model`` moves modules to
-``torch.cuda.current_device()`` unless ``use_cpu_initialization=True`` (use it on CPU), and its training loop
-(``megatron.bridge.training``) does not import here (no megatron-energon); its ``_set_random_seed`` skips seeding
-when ``torch.cuda.device_count() == 0``: seed through :func:`gemma4vl.runtime.distributed.initialize_model_parallel`.
+offloading, straggler detection and NVTX.
+
+E-G. Megatron-Bridge
+--------------------
+Megatron-Bridge's training loop (``megatron.bridge.training``: initialisation, ``setup``, ``train``, evaluation,
+checkpointing, logging, the SIGTERM handler) and its use of Megatron-Core are covered by
+:mod:`gemma4vl.runtime.cpu_backend_bridge` (its docstring has the table), which :func:`activate` activates too:
+the Megatron-Bridge modules are patched when first imported, so processes that only use Megatron-Core do not pay
+for importing Megatron-Bridge.
 """
 
 from __future__ import annotations
@@ -226,6 +251,17 @@ class _CudaOnCpu:
     def empty_cache() -> None:
         pass
 
+    # Device inventory and allocator statistics: the truth on a CPU-only machine.
+    @staticmethod
+    def device_count() -> int:
+        return 0
+
+    @staticmethod
+    def memory_stats(device: Any = None) -> dict:
+        # No CUDA caching allocator runs, so there are no statistics (torch itself answers {} when CUDA is not
+        # initialised); Megatron-Bridge's memory report is then empty.
+        return {}
+
     # RNG: the CPU default generator stands in for the CUDA default generator.
     @staticmethod
     def get_rng_state(device: Any = "cuda") -> torch.Tensor:
@@ -303,6 +339,9 @@ _MODULES_WITH_CPU_TORCH = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.timers",
+    "megatron.core.rerun_state_machine",
+    "megatron.training.models.dist_utils",
 )
 
 
@@ -598,22 +637,55 @@ def _allocate_state_before_loading(sharded_state_dict: Callable[..., Any]) -> Ca
 
 
 def _untie_adam_steps(load_state_dict: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``DistributedOptimizer.load_state_dict`` so that every parameter gets its own Adam ``step`` tensor.
+    """Wrap ``DistributedOptimizer.load_state_dict``: every parameter gets its own Adam ``step``, the checkpoint's.
 
-    Without Apex / TE, upstream restores ``step`` by assigning *one* tensor to every parameter's state; torch's
-    Adam increments ``state["step"]`` in place per parameter, so after a resume each optimizer step advanced the
-    shared counter once per parameter (seen: step 39 instead of 2 after one step), silently corrupting Adam's
-    bias correction. The step tensors are cloned after loading.
+    Without Apex / TE, upstream restores ``step`` from the param groups by assigning *one* tensor to every
+    parameter's state; torch's Adam increments ``state["step"]`` in place per parameter, so after a resume each
+    optimizer step advanced the shared counter once per parameter (seen: step 39 instead of 2 after one step).
+    Then the ``dp_reshardable`` parameter-state load copies the per-parameter ``step`` of its loading template
+    over it: the dummy value the template was allocated with (1), not the checkpoint's (seen: 1 instead of 3 on
+    a resume at iteration 3; a resume after one step hid it). Either way Adam's bias correction was silently
+    wrong. After loading, each parameter's ``step`` is set to a tensor of its own holding the param groups'
+    ``step`` (the value upstream restores, "read from param_groups").
     """
 
     def wrapper(self, state_dict):
         load_state_dict(self, state_dict)
+        groups = state_dict.get("optimizer", {}).get("param_groups", []) if isinstance(state_dict, dict) else []
+        steps = {group["step"] for group in groups if "step" in group}
         for state in self.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
+            if not torch.is_tensor(state.get("step")):
+                continue
+            if len(steps) == 1:
+                state["step"] = torch.tensor(float(next(iter(steps))), dtype=state["step"].dtype)
+            else:
                 state["step"] = state["step"].clone()
 
     wrapper.__wrapped__ = load_state_dict
     wrapper.__doc__ = load_state_dict.__doc__
+    return wrapper
+
+
+def _skip_states_not_in_checkpoint(set_states: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``DistributedOptimizer._set_main_param_and_optimizer_states`` to skip states the loader left out.
+
+    It copies ``tensors[key]`` into every tensor of the parameter's optimizer state. Without Apex / TE that state
+    includes torch Adam's ``step`` tensor, which the ``fully_reshardable`` / ``fully_sharded_model_space`` loaders
+    deliberately leave out of ``tensors`` (``load_state_dict`` restores ``step`` from the param groups), so the
+    lookup raised ``KeyError: 'step'``. The missing keys are passed as ``None``, which the method skips.
+    """
+
+    def wrapper(self, model_param, tensors):
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            missing = [key for key in self.optimizer.state[main_param] if key not in tensors]
+            if missing:
+                tensors = {**tensors, **dict.fromkeys(missing)}
+        return set_states(self, model_param, tensors)
+
+    wrapper.__wrapped__ = set_states
+    wrapper.__doc__ = set_states.__doc__
     return wrapper
 
 
@@ -701,6 +773,12 @@ PATCHES: tuple[CallSitePatch, ...] = (
         "one shared Adam step tensor after loading without Apex / TE",
     ),
     CallSitePatch(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
+        "_set_main_param_and_optimizer_states",
+        _skip_states_not_in_checkpoint,
+        "KeyError 'step' loading the fully_reshardable format without Apex / TE",
+    ),
+    CallSitePatch(
         "megatron.core.models.common.language_module.language_module:LanguageModule",
         "setup_embeddings_and_output_layer",
         _sync_tied_embedding_without_cuda,
@@ -771,11 +849,15 @@ def activate() -> None:
     global _active
     if _active:
         return
+    from gemma4vl.runtime import cpu_backend_bridge
+
     _check_megatron_core_version()
     _check_rng_tracker_unseeded()
     resolved = [(patch, *_resolve(patch)) for patch in PATCHES]
+    apply_bridge_patches = cpu_backend_bridge.prepare()
     for patch, target, replacement in resolved:
         setattr(target, patch.attribute, replacement)
+    apply_bridge_patches()
     _discard_unseeded_rng_tracker()
     _active = True
 
