@@ -70,6 +70,14 @@ F. Replaced functions (same signature and contract, CPU implementation)
   every weight; and ``torch.compile``-ing the kernels for the CPU costs compile time for a warm-up whose only
   purpose is GPU start-up. Replaced by :func:`skip_jit_warmup` (does nothing). The fused kernels still compile
   on first use if the model config selects them.
+- ``training/utils/train_utils.py``: ``multi_tensor_applier`` / ``multi_tensor_l2norm`` (``calc_params_l2_norm``,
+  i.e. ``logger.log_params_norm``) come from ``try: from transformer_engine.pytorch.optimizers import ...``,
+  falling back to Apex, then to Megatron-Core's local implementations. gemma4vl's TE import shim answers
+  Megatron-Bridge's TE imports with stubs, so the ``try`` succeeds and the names are uncallable stubs
+  (``TypeError: '_StubModule' object is not callable``; a GPU machine without TE has the same problem). Replaced
+  by :func:`multi_tensor_applier` / :func:`multi_tensor_l2norm`, which call Megatron-Core's
+  ``local_multi_tensor_applier`` / ``local_multi_tensor_l2_norm``, the fallback Megatron-Bridge itself picks
+  without TE and Apex.
 
 G. Wrapped functions (the original runs, with one input changed)
 ----------------------------------------------------------------
@@ -265,6 +273,20 @@ def skip_jit_warmup(model_config: Any, micro_batch_size: int) -> None:
     """
 
 
+def multi_tensor_applier(op: Callable[..., Any], noop_flag_buffer: Any, tensor_lists: Any, *args: Any) -> Any:
+    """CPU replacement for ``train_utils.multi_tensor_applier``: Megatron-Core's local implementation."""
+    from megatron.core.utils import local_multi_tensor_applier
+
+    return local_multi_tensor_applier(op, noop_flag_buffer, tensor_lists, *args)
+
+
+def multi_tensor_l2norm(chunk_size: int, noop_flag: Any, tensor_lists: Any, per_tensor: bool, *args: Any) -> Any:
+    """CPU replacement for ``train_utils.multi_tensor_l2norm``: Megatron-Core's local implementation."""
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    return local_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # G. Wrappers
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,6 +378,18 @@ PATCHES: tuple[CallSitePatch, ...] = (
     CallSitePatch(_INITIALIZE, "compile_helpers", _once(lambda _o: check_dataset_helpers), "runs make, no Makefile"),
     CallSitePatch(_INITIALIZE, "_warmup_jit_function", _once(lambda _o: skip_jit_warmup), "draws from the CPU RNG"),
     CallSitePatch(_INITIALIZE, "initialize_megatron", _once(_allow_no_cuda), "asserts torch.cuda.is_available()"),
+    CallSitePatch(
+        "megatron.bridge.training.utils.train_utils",
+        "multi_tensor_applier",
+        _once(lambda _o: multi_tensor_applier),
+        "a Transformer Engine stub (TE import shim)",
+    ),
+    CallSitePatch(
+        "megatron.bridge.training.utils.train_utils",
+        "multi_tensor_l2norm",
+        _once(lambda _o: multi_tensor_l2norm),
+        "a Transformer Engine stub (TE import shim)",
+    ),
     CallSitePatch(
         "megatron.bridge.training.setup", "initialize_megatron", _once(_allow_no_cuda), "imported by name"
     ),
