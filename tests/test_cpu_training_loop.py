@@ -248,6 +248,7 @@ class RunSpec:
     tensorboard: bool = False
     wandb: bool = False
     fully_reshardable: bool = False  # the distributed optimizer's checkpoint format (default: dp_reshardable)
+    exercise_reporting: bool = False  # every optional metric, timer level 2, per-step sync, duration checks
     sigterm_at_iteration: int | None = None  # the forward step of this training iteration sends SIGTERM to itself
     import_bridge_before_runtime: bool = False  # exercise both orders of activation and Megatron-Bridge import
     environment: dict = field(default_factory=dict)
@@ -270,6 +271,23 @@ def _config(spec: RunSpec):
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
 
     directory = Path(spec.directory)
+    reporting = {}
+    if spec.exercise_reporting:
+        # The optional reporting paths of the loop, which touch CUDA in places of their own (section E of
+        # cpu_backend_bridge): timers at level 2 written to TensorBoard, throughput, memory, runtime, parameter and
+        # gradient norms, zeros in the gradient, world size; a CUDA synchronize every step, emptying the cache, and
+        # the wall-clock limit checked (and not reached) after every iteration and evaluation.
+        reporting = dict(
+            timing_log_level=2,
+            log_timers_to_tensorboard=True,
+            log_throughput=True,
+            log_throughput_to_tensorboard=True,
+            log_memory_to_tensorboard=True,
+            log_runtime_to_tensorboard=True,
+            log_params_norm=True,
+            log_l2_norm_grad_to_tensorboard=True,
+            log_world_size_to_tensorboard=True,
+        )
     model = GPTModelProvider(
         transformer_layer_spec=(
             local_spec_with_sequence_parallel_norms if spec.sequence_parallel else local_layer_spec
@@ -312,6 +330,11 @@ def _config(spec: RunSpec):
             micro_batch_size=MICRO_BATCH,
             global_batch_size=GLOBAL_BATCH,
             exit_signal_handler=True,
+            **(
+                dict(train_sync_interval=1, empty_unused_memory_level=2, exit_duration_in_mins=10_000)
+                if spec.exercise_reporting
+                else {}
+            ),
         ),
         validation=ValidationConfig(eval_interval=spec.eval_interval, eval_iters=1 if spec.eval_interval else 0),
         optimizer=OptimizerConfig(
@@ -323,6 +346,7 @@ def _config(spec: RunSpec):
             bf16=False,
             fp16=False,
             use_distributed_optimizer=spec.distributed_optimizer,
+            log_num_zeros_in_grad=spec.exercise_reporting,
         ),
         scheduler=SchedulerConfig(
             lr_decay_style="constant",
@@ -340,6 +364,7 @@ def _config(spec: RunSpec):
             wandb_project="gemma4vl-cpu-test" if spec.wandb else None,
             wandb_exp_name="cpu-loop" if spec.wandb else "",
             wandb_save_dir=str(directory / "wandb") if spec.wandb else None,
+            **reporting,
         ),
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB),
         checkpoint=CheckpointConfig(
@@ -571,12 +596,13 @@ def _assert_same_losses(losses: dict[int, float], reference: dict[int, float], *
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    """6 iterations on one process: eval every 2, checkpoint every 3, TensorBoard and offline W&B."""
+    """6 iterations on one process: eval every 2, checkpoint every 3, TensorBoard and offline W&B, all reporting."""
     directory = tmp_path_factory.mktemp("reference")
     spec = RunSpec(
         directory=str(directory),
         tensorboard=True,
         wandb=True,
+        exercise_reporting=True,
         environment={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"},
     )
     exit_status, result = _run_as_plain_process(spec)
@@ -644,7 +670,8 @@ def test_tensorboard_event_files_hold_the_losses(reference_run):
     _assert_same_losses(_by_step(reference_run["losses"]), logged, rtol=1e-6, atol=0)
     validation = {event.step: event.value for event in events.Scalars("lm loss validation")}
     _assert_same_losses(_by_step(reference_run["eval_losses"]), validation, rtol=1e-6, atol=0)
-    assert "learning-rate" in events.Tags()["scalars"]
+    tags = set(events.Tags()["scalars"])
+    assert {"learning-rate", "iteration-time", "throughput/tflops", "world-size", "forward-backward-time"} <= tags, tags
 
 
 def _wandb_history(run_file: str) -> list[dict]:
@@ -793,6 +820,7 @@ def test_two_processes_match_the_one_process_run(reference_run, tmp_path, layout
         save=False,
         eval_interval=None,
         import_bridge_before_runtime=layout.get("tensor_parallel", 1) > 1,
+        exercise_reporting=True,  # timers, norms and flags all-reduced / all-gathered over two ranks
         **layout,
     )
     results = run_distributed(train_job, 2, spec, timeout=RUN_TIMEOUT)
