@@ -479,8 +479,13 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 break
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
+        if spec is None:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            raise ImportError(
+                f"gemma4vl's CPU backend cannot patch {fullname} on import: its loader ({spec.loader!r}) has no "
+                "exec_module. Import Megatron-Bridge before setup_runtime('cpu') to have it patched at activation."
+            )
         loader = spec.loader
         exec_module = loader.exec_module
 
