@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,15 +63,18 @@ def _barrier() -> None:
 
 
 def init_process_group(device: str) -> None:
-    """The default process group from torchrun's variables (or a 1-process group), gloo on CPU, NCCL on GPUs."""
+    """The default process group, gloo on CPU, NCCL on GPUs: from torchrun's rendezvous variables when launched by
+    torchrun / srun, else a 1-process group over an in-memory store (no TCP port, so concurrent single-process
+    runs on one machine cannot collide)."""
     if dist.is_initialized():
         return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 or "MASTER_ADDR" in os.environ:
-        backend = "gloo" if device == "cpu" else "nccl"
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "gloo" if device == "cpu" else "nccl"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "MASTER_ADDR" in os.environ:  # launched by torchrun (or another launcher that sets the rendezvous)
         dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def prepare_inputs(cfg: RunConfig) -> None:
@@ -195,12 +199,26 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
                                    tokens_per_step=cfg.trainer.global_batch_size * cfg.data.seq_length,
                                    total_steps=cfg.trainer.train_iters))
     out = setup(state, get_dataset_provider(container.dataset), callback_manager=callbacks)
-    train(forward_step, out.model, out.optimizer, out.scheduler, out.train_data_iterator, out.valid_data_iterator,
-          out.state, out.checkpoint_manager, out.pg_collection, callback_manager=callbacks)
+    _translate_sigusr1()
     state = out.state
     state.checkpoint_manager = out.checkpoint_manager
-    preempted = state.train_state.step < cfg.trainer.train_iters
+    preempted = False
+    try:
+        train(forward_step, out.model, out.optimizer, out.scheduler, out.train_data_iterator,
+              out.valid_data_iterator, state, out.checkpoint_manager, out.pg_collection, callback_manager=callbacks)
+    except SystemExit:
+        # After an exit signal Megatron-Bridge saves a checkpoint and calls sys.exit(0) inside train(). Every rank
+        # leaves the loop at the same iteration, so the collective check below is safe.
+        if not (cfg.trainer.exit_on_signal and any(state.signal_handler.signals_received())):
+            raise
+        preempted = True
     return state, out.model, preempted
+
+
+def _translate_sigusr1() -> None:
+    """Megatron-Bridge's exit handler listens for one signal (SIGTERM); Slurm's advance warning is often SIGUSR1.
+    Deliver SIGUSR1 as SIGTERM so both stop the run the same way (checkpoint, then exit status 75)."""
+    signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
 
 
 def _export(cfg: RunConfig, state, model) -> Path | None:

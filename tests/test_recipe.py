@@ -1,0 +1,201 @@
+"""The finetune recipe end to end on CPU: `python -m recipes.finetune` (and `launch/torchrun.sh` with 2 processes)
+trains with falling loss, checkpoints, resumes exactly, stops cleanly on SIGTERM, logs, and exports an HF
+checkpoint whose logits equal the trained Megatron model's."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
+from gemma4vl.training.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+EXIT_PREEMPTED = 75
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The tiny checkpoint (fp32) and a small demo dataset, shared by the module's runs."""
+    from gemma4vl.data.demo import write_demo_dataset
+
+    ckpt = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32").path
+    data = tmp_path_factory.mktemp("demo-data")
+    write_demo_dataset(data, num_train=240, num_val=24, overwrite=True)
+    return ckpt, data
+
+
+def overrides(inputs, run_dir, steps, *extra):
+    ckpt, data = inputs
+    return [f"hydra.run.dir={run_dir}", f"model.hf_path={ckpt}", "model.generate_fixture=null",
+            f"data.path={data}", "data.generate_demo=false", "data.seq_length=512", "data.num_workers=0",
+            "data.persistent_workers=false", f"trainer.train_iters={steps}", "trainer.global_batch_size=2",
+            "trainer.log_interval=1", "trainer.eval_interval=null", "checkpoint.save_interval=2",
+            "checkpoint.keep_last=null", "optim.warmup_iters=2", *extra]
+
+
+def start(args, launcher=("-m", "recipes.finetune")):
+    """The run in its own process group (as a scheduler would run it), output to a log file: helper processes
+    of a killed run (e.g. a checkpoint writer's manager) must neither hold a pipe open nor outlive the test."""
+    cmd = [*launcher, *args] if launcher[0].endswith(".sh") else [sys.executable, *launcher, *args]
+    run_dir = Path(_run_dir(args))
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log_path = log.name
+    return proc
+
+
+def _run_dir(args):
+    return next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir="))
+
+
+def finish(proc, timeout=600):
+    """Wait for the run, then kill what is left of its process group; (exit status, output)."""
+    try:
+        status = proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return status, Path(proc.log_path).read_text()
+
+
+def run(args, timeout=600):
+    return finish(start(args), timeout)
+
+
+def losses(run_dir):
+    """{step: loss} of the last record of each step."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def megatron_logits_from_checkpoint(hf_dir, ckpt_dir, batch):
+    """Logits of the newest training checkpoint, loaded into a 1-process model (resharded from any layout)."""
+    code = f"""
+import torch, sys
+from pathlib import Path
+from megatron.core import dist_checkpointing
+from gemma4vl.runtime.distributed import initialize_model_parallel
+from gemma4vl.testing.megatron_harness import load_megatron, forward_logits
+initialize_model_parallel("cpu")
+_, model = load_megatron({str(hf_dir)!r})
+ck = Path({str(ckpt_dir)!r})
+it = int((ck / "latest_checkpointed_iteration.txt").read_text())
+loaded = dist_checkpointing.load({{"model": model[0].sharded_state_dict()}}, str(ck / f"iter_{{it:07d}}"))
+model[0].load_state_dict(loaded["model"], strict=True)
+batch = torch.load(sys.argv[1], weights_only=False)
+torch.save(forward_logits(model, batch), sys.argv[2])
+"""
+    tmp = Path(ckpt_dir).parent
+    torch.save(batch, tmp / "probe_batch.pt")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp / "probe_batch.pt"), str(tmp / "probe_logits.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp / "probe_logits.pt")
+
+
+def assert_export_matches_checkpoint(run_dir, hf_dir):
+    from transformers import AutoConfig
+
+    from gemma4vl.testing.megatron_harness import hf_model, synthetic_batch
+
+    batch = synthetic_batch(AutoConfig.from_pretrained(hf_dir), seed=21)
+    trained = megatron_logits_from_checkpoint(hf_dir, run_dir / "checkpoints", batch)
+    with torch.no_grad():
+        exported = hf_model(run_dir / "hf_export")(**batch.hf_kwargs()).logits
+    valid = batch.segment_ids > 0
+    diff = (exported - trained)[valid].abs().max().item()
+    assert diff <= 1e-4, f"exported vs trained Megatron logits: max |diff| {diff}"
+
+
+# Losses of the first 4 steps of the run below (CPU, fp32): pinned so that numerical drift is caught.
+PINNED = {1: 6.12452, 2: 6.14092, 3: 5.64748, 4: 5.08587}
+
+
+def test_finetune_end_to_end(inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    status, out = run(overrides(inputs, run_dir, 8, "trainer.eval_interval=4", "trainer.eval_iters=1"))
+    assert status == 0, out[-4000:]
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step, expected in PINNED.items():
+        assert got[step] == pytest.approx(expected, abs=1e-4), f"step {step}: {got[step]} vs pinned {expected}"
+    assert got[8] < got[1] - 1.0
+    val = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    assert [r["step"] for r in val] == [4, 8] and val[1]["val_loss"] < val[0]["val_loss"]
+    assert "step 8/8 | loss" in out and "tok/s" in out and "ETA" in out
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    index = json.loads((run_dir / "hf_export" / "model.safetensors.index.json").read_text())
+    assert len(index["weight_map"]) == 119
+    assert_export_matches_checkpoint(run_dir, inputs[0])
+
+
+def _kill_after(proc, run_dir, step, sig, need_checkpoint=True):
+    """Send ``sig`` to ``proc`` once ``step`` has been logged (and, if asked, a checkpoint exists)."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+        if max(losses(run_dir), default=0) >= step and (tracker.exists() or not need_checkpoint):
+            # SIGKILL takes the whole process group, as a node failure would; other signals go to the trainer.
+            (os.killpg if sig == signal.SIGKILL else os.kill)(proc.pid, sig)
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {Path(proc.log_path).read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(inputs, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    status, out = run(overrides(inputs, a, 6, "export.enabled=false"))
+    assert status == 0, out[-3000:]
+    proc = start(overrides(inputs, b, 6, "export.enabled=false"))
+    _kill_after(proc, b, 3, signal.SIGKILL)
+    status, out = finish(proc)
+    assert status == -signal.SIGKILL, out[-3000:]
+    saved = int((b / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert saved in (2, 4) and max(losses(b)) > saved  # killed after steps the checkpoint does not hold
+    status, out = run(overrides(inputs, b, 6, "export.enabled=false"))
+    assert status == 0, out[-3000:]
+    assert f"resuming from the checkpoint of step {saved}" in out
+    loss_a, loss_b = losses(a), losses(b)
+    assert sorted(loss_b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert loss_b[step] == pytest.approx(loss_a[step], abs=1e-6), (step, loss_a, loss_b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_status(inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(inputs, run_dir, 12, "checkpoint.save_interval=100")
+    proc = start(args)
+    _kill_after(proc, run_dir, 3, signal.SIGTERM, need_checkpoint=False)
+    status, out = finish(proc)
+    assert status == EXIT_PREEMPTED, f"exit status {status}: " + out[-1500:]
+    assert f"exit status {EXIT_PREEMPTED}: rerun the same command to resume" in out
+    saved = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= saved < 12 and max(losses(run_dir)) == saved
+    assert not (run_dir / "hf_export").exists()  # no export of an unfinished run
+    status, out = run(args)
+    assert status == 0 and f"resuming from the checkpoint of step {saved}" in out, out[-3000:]
+    assert max(losses(run_dir)) == 12 and (run_dir / "hf_export" / "config.json").exists()
+
+
+@pytest.mark.parametrize("experiment", ["tiny_tp2", "tiny_ep2"])
+def test_torchrun_two_processes(inputs, tmp_path, experiment):
+    run_dir = tmp_path / "run"
+    args = [f"experiment={experiment}", *overrides(inputs, run_dir, 4)]
+    proc = start(["--nproc", "2", *args], launcher=(str(ROOT / "launch" / "torchrun.sh"),))
+    status, out = finish(proc, timeout=900)
+    assert status == 0, out[-4000:]
+    got = losses(run_dir)
+    assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]
+    assert_export_matches_checkpoint(run_dir, inputs[0])
