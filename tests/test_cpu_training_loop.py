@@ -31,6 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+
+from gemma4vl.testing.wandb_offline import wandb_history
 import torch
 import torch.multiprocessing as mp
 
@@ -674,25 +676,9 @@ def test_tensorboard_event_files_hold_the_losses(reference_run):
     assert {"learning-rate", "iteration-time", "throughput/tflops", "world-size", "forward-backward-time"} <= tags, tags
 
 
-def _wandb_history(run_file: str) -> list[dict]:
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
-    store = datastore.DataStore()
-    store.open_for_scan(run_file)
-    history = []
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            items = record.history.item
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
-    return history
-
-
 def test_wandb_offline_run_directory_holds_the_losses(reference_run):
     (run_file,) = glob.glob(str(reference_run["directory"] / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
-    history = _wandb_history(run_file)
+    history = wandb_history(run_file)
     logged = {row["_step"]: float(row["lm loss"]) for row in history if "lm loss" in row}
     assert sorted(logged) == list(range(1, TRAIN_ITERS + 1))
     _assert_same_losses(_by_step(reference_run["losses"]), logged, rtol=1e-6, atol=0)

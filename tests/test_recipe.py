@@ -121,8 +121,11 @@ PINNED = {1: 6.12452, 2: 6.14092, 3: 5.64748, 4: 5.08587}
 
 
 def test_finetune_end_to_end(inputs, tmp_path):
+    from gemma4vl.testing.wandb_offline import offline_run_files, wandb_history
+
     run_dir = tmp_path / "run"
-    status, out = run(overrides(inputs, run_dir, 8, "trainer.eval_interval=4", "trainer.eval_iters=1"))
+    status, out = run(overrides(inputs, run_dir, 8, "trainer.eval_interval=4", "trainer.eval_iters=1",
+                                "logger=wandb", "logger.wandb_mode=offline", "logger.val_image_samples=3"))
     assert status == 0, out[-4000:]
     got = losses(run_dir)
     assert sorted(got) == list(range(1, 9))
@@ -132,6 +135,17 @@ def test_finetune_end_to_end(inputs, tmp_path):
     val = [r for r in read_metrics(run_dir) if "val_loss" in r]
     assert [r["step"] for r in val] == [4, 8] and val[1]["val_loss"] < val[0]["val_loss"]
     assert "step 8/8 | loss" in out and "tok/s" in out and "ETA" in out
+    # wandb (offline): the loss history, and the validation answers table at each evaluation.
+    (run_file,) = offline_run_files(run_dir / "wandb")
+    history = wandb_history(run_file)
+    logged = {row["_step"]: row["lm loss"] for row in history if "lm loss" in row}
+    assert sorted(logged) == list(range(1, 9))
+    assert all(logged[s] == pytest.approx(got[s], rel=1e-6) for s in logged)
+    tables = [row for row in history if "validation/answers/nrows" in row]
+    assert [(row["_step"], row["validation/answers/nrows"]) for row in tables] == [(4, 3), (8, 3)]
+    assert [row["validation/answers/_type"] for row in tables] == ["table-file", "table-file"]
+    answers = [r for r in read_metrics(run_dir) if "val_answers" in r]
+    assert [r["step"] for r in answers] == [4, 8] and all(len(r["val_answers"]) == 3 for r in answers)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
     index = json.loads((run_dir / "hf_export" / "model.safetensors.index.json").read_text())

@@ -83,3 +83,46 @@ class ProgressCallback(Callback):
         self._write({"step": step, "val_loss": val})
         print(f"validation at step {step}: loss {val:.4f}", flush=True)
 
+
+
+class ValidationAnswersCallback(Callback):
+    """After each evaluation: the model's greedy answers to a few validation questions (see
+    :mod:`gemma4vl.training.answers`), their exact-match accuracy in ``metrics.jsonl`` and on stdout, and a wandb
+    table of image / question / reference / answer when wandb is the logger."""
+
+    def __init__(self, probes, tokenizer, image_token_id: int, run_dir: str | Path, log_table: bool):
+        self.probes = probes
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<turn|>")}
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.log_table = log_table
+
+    def on_eval_end(self, context: CallbackContext) -> None:
+        from megatron.core.utils import unwrap_model
+
+        from gemma4vl.training.answers import greedy_answer
+
+        model = unwrap_model(context.model)[0]
+        was_training = model.training
+        model.eval()
+        answers = [self.tokenizer.decode(greedy_answer(model, p, self.image_token_id, self.stop_ids),
+                                         skip_special_tokens=True).strip() for p in self.probes]
+        model.train(was_training)
+        if not _is_last_rank():
+            return
+        step = context.state.train_state.step
+        correct = sum(a.lower() == p.reference.lower() for a, p in zip(answers, self.probes))
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "val_answer_accuracy": correct / len(self.probes),
+                                "val_answers": answers}) + "\n")
+        shown = ", ".join(f"{p.reference!r}->{a!r}" for p, a in list(zip(self.probes, answers))[:4])
+        print(f"validation answers at step {step}: {correct}/{len(self.probes)} exact ({shown}, ...)", flush=True)
+        wandb = context.state.wandb_logger if self.log_table else None
+        if wandb is not None:
+            table = wandb.Table(columns=["step", "image", "question", "reference", "answer"])
+            for p, a in zip(self.probes, answers):
+                image = wandb.Image(p.image.numpy()) if p.image is not None else None
+                table.add_data(step, image, p.question, p.reference, a)
+            wandb.log({"validation/answers": table, "validation/answer_accuracy": correct / len(self.probes)},
+                      step=step)

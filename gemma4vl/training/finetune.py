@@ -194,10 +194,15 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     state = GlobalState()
     state.cfg = container
     state.auto_bridge = auto_bridge
+    if cfg.logger.backend == "wandb":
+        state._wandb_logger = init_wandb(cfg)
     callbacks = CallbackManager()
     callbacks.add(ProgressCallback(cfg.run_dir, cfg.trainer.log_interval,
                                    tokens_per_step=cfg.trainer.global_batch_size * cfg.data.seq_length,
                                    total_steps=cfg.trainer.train_iters))
+    answers = validation_answers_callback(cfg, hf_dir)
+    if answers is not None:
+        callbacks.add(answers)
     out = setup(state, get_dataset_provider(container.dataset), callback_manager=callbacks)
     _translate_sigusr1()
     state = out.state
@@ -213,6 +218,59 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
             raise
         preempted = True
     return state, out.model, preempted
+
+
+def wandb_mode(mode: str) -> str:
+    """``online`` / ``offline`` for the logger's ``wandb_mode``; ``auto`` is online only when wandb credentials are
+    configured (``WANDB_API_KEY``, or a ``wandb login`` entry in ~/.netrc)."""
+    if mode != "auto":
+        return mode
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return "online"
+    try:
+        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return "offline"
+
+
+def init_wandb(cfg: RunConfig):
+    """Start the wandb run on the last rank (where Megatron-Bridge logs from) with an explicit mode and our own
+    resolved config; a resumed run continues the same wandb run (its id derives from the run directory)."""
+    if not dist.is_initialized() or dist.get_rank() != dist.get_world_size() - 1:
+        return None
+    import hashlib
+
+    import wandb
+
+    run_id = hashlib.sha1(str(Path(cfg.run_dir).resolve()).encode()).hexdigest()[:12]
+    wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, id=run_id, resume="allow",
+               dir=str(cfg.run_dir), mode=wandb_mode(cfg.logger.wandb_mode),
+               config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return wandb
+
+
+def validation_answers_callback(cfg: RunConfig, hf_dir: Path):
+    """The callback showing validation answers, or None (no evaluation, no samples asked, or pipeline parallel)."""
+    from gemma4vl.data.config import load_processor
+    from gemma4vl.training.answers import load_probes
+    from gemma4vl.training.callbacks import ValidationAnswersCallback
+
+    if not cfg.trainer.eval_interval or cfg.logger.val_image_samples <= 0:
+        return None
+    if cfg.parallel.pipeline > 1:
+        logger.warning("validation answers are not generated with pipeline parallelism (parallel.pipeline > 1)")
+        return None
+    probes = load_probes(cfg.data, cfg.logger.val_image_samples)
+    if not probes:
+        return None
+    processor = load_processor(cfg.data.processor_path)
+    from gemma4vl.bridge import read_hf_config
+
+    image_token_id = read_hf_config(hf_dir).arch.image_token_id
+    return ValidationAnswersCallback(probes, processor.tokenizer, image_token_id, cfg.run_dir,
+                                     log_table=cfg.logger.backend == "wandb")
 
 
 def _translate_sigusr1() -> None:
