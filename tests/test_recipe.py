@@ -213,3 +213,32 @@ def test_torchrun_two_processes(inputs, tmp_path, experiment):
     got = losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]
     assert_export_matches_checkpoint(run_dir, inputs[0])
+
+
+def test_lora_finetune_exports_the_merged_model(inputs, tmp_path):
+    """LoRA on attention: only adapters train, and the export (adapters merged, K=V layers' v rows dropped)
+    reproduces the trained model's logits (checked by the run itself: export.verify_logits)."""
+    run_dir = tmp_path / "run"
+    status, out = run(overrides(inputs, run_dir, 4, "peft=lora", "export.verify_logits=true",
+                                "data.validation_split=validation"))
+    assert status == 0, out[-4000:]
+    assert "trainable" in out.lower() or "PEFT" in out
+    got = losses(run_dir)
+    assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]
+    (check,) = [r for r in read_metrics(run_dir) if "export_max_logit_diff" in r]
+    assert check["export_max_logit_diff"] <= 1e-4 and check["export_logit_scale"] > 1.0
+
+
+@pytest.mark.slow
+def test_hydra_multirun_sweep(inputs, tmp_path):
+    """`-m` runs one job per value, each in its own run directory."""
+    ckpt, data = inputs
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"hydra.sweep.dir={sweep}", f"model.hf_path={ckpt}", "model.generate_fixture=null",
+            f"data.path={data}", "data.generate_demo=false", "data.seq_length=512", "data.num_workers=0",
+            "data.persistent_workers=false", "trainer.global_batch_size=2", "trainer.eval_interval=null",
+            "checkpoint.save_interval=null", "export.enabled=false", "trainer.train_iters=1,2"]
+    proc = subprocess.run([sys.executable, "-m", "recipes.finetune", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert max(losses(sweep / "0")) == 1 and max(losses(sweep / "1")) == 2

@@ -284,6 +284,13 @@ class Gemma4VLBridge(MegatronModelBridge):
             return None
 
     # ---------------------------------------------------------------- LoRA
+    def _is_fused_qkv(self, hf_weight_names) -> bool:
+        """A ``linear_qkv`` export: q, k and v, or q and k alone on K=V layers (so a LoRA merge splits the adapter's
+        output rows by projection there too)."""
+        names = list(hf_weight_names)
+        found = {t for name in names for t in ("q_proj", "k_proj", "v_proj") if t in name}
+        return (len(names), found) in ((3, {"q_proj", "k_proj", "v_proj"}), (2, {"q_proj", "k_proj"}))
+
     def _split_qkv_linear_out_weight(self, megatron_model, linear_out_weight):
         """Split a LoRA ``linear_qkv`` output weight into q/k/v; sliding and full layers are told apart by size,
         and K=V layers report ``v_proj`` as absent."""

@@ -90,18 +90,30 @@ def configure_provider(provider, cfg: RunConfig) -> None:
 def _peft(cfg: RunConfig):
     if cfg.peft.method == "none":
         return None
+    import megatron.bridge.peft.utils as peft_utils
     from megatron.bridge.peft.lora import LoRA
+
+    from gemma4vl.runtime.te_shim import transformer_engine_installed
+
+    if not transformer_engine_installed():
+        # Megatron-Bridge decides HAVE_TE from names that Megatron-Core defines (as None) without Transformer
+        # Engine, then isinstance-checks against them; our layers are Megatron-Core's own linears.
+        peft_utils.HAVE_TE = False
 
     return LoRA(target_modules=list(cfg.peft.target_modules), dim=cfg.peft.rank, alpha=cfg.peft.alpha,
                 dropout=cfg.peft.dropout)
 
 
 def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> ConfigContainer:
-    """Megatron-Bridge's config for ``cfg``. ``resume``: a checkpoint in ``cfg.checkpoint.dir`` will be loaded,
-    so the HF weights are not imported."""
+    """Megatron-Bridge's config for ``cfg``.
+
+    The HF checkpoint is Megatron-Bridge's ``pretrained_checkpoint``: setup imports it through our bridge (for
+    LoRA, before the adapters are added). ``resume``: the newest checkpoint in ``cfg.checkpoint.dir`` is loaded
+    instead (for LoRA: the base from the HF checkpoint, then the adapters and optimizer from the run's)."""
     run_dir = Path(cfg.run_dir)
     t, o = cfg.trainer, cfg.optim
-    provider = auto_bridge.to_megatron_provider(load_weights=not resume)
+    hf_dir = str(auto_bridge.hf_pretrained.model_name_or_path)
+    provider = auto_bridge.to_megatron_provider(load_weights=False)
     configure_provider(provider, cfg)
     bf16 = t.precision == "bf16"
     logger = LoggerConfig(log_interval=t.log_interval, log_throughput=True, log_progress=False,
@@ -157,6 +169,7 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
         checkpoint=CheckpointConfig(
             save=ckpt_dir,
             load=ckpt_dir if resume else None,
+            pretrained_checkpoint=hf_dir,
             save_interval=cfg.checkpoint.save_interval,
             most_recent_k=cfg.checkpoint.keep_last if cfg.checkpoint.keep_last is not None else -1,
             ckpt_format="torch_dist",

@@ -223,6 +223,11 @@ class ExportConfig:
     max_shard_size: str = "5GB"
     """Largest safetensors shard (e.g. ``5GB``, ``500MB``)."""
 
+    verify_logits: bool = False
+    """After exporting, reload the export in transformers on the host (float32) and check its logits on a
+    validation prompt equal the trained model's (1e-4 after fp32 training, 5% of the logit range after bf16).
+    Needs the whole model in host memory: for small models, tests and demos."""
+
 
 @dataclass(kw_only=True)
 class DataConfig(Gemma4VLDataConfig):

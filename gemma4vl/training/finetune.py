@@ -287,7 +287,31 @@ def _export(cfg: RunConfig, state, model) -> Path | None:
     if report is not None:
         print(f"exported {report.num_tensors} tensors ({report.num_bytes / 1e9:.2f} GB, {report.dtype}) to "
               f"{report.path} in {report.seconds:.1f} s; verified", flush=True)
+    if cfg.export.verify_logits:
+        _verify_export_logits(cfg, model)
     return Path(cfg.export.dir)
+
+
+def _verify_export_logits(cfg: RunConfig, model) -> None:
+    from megatron.core.utils import unwrap_model
+
+    from gemma4vl.bridge import read_hf_config
+    from gemma4vl.training.answers import load_probes
+    from gemma4vl.training.export_check import verify_export_logits
+
+    if cfg.parallel.pipeline > 1:
+        raise ValueError("export.verify_logits needs parallel.pipeline=1")
+    probes = load_probes(cfg.data, 1)
+    if not probes:
+        raise ValueError("export.verify_logits needs a validation split (data.validation_split)")
+    image_token_id = read_hf_config(resolve_hf_path(cfg.model.hf_path)).arch.image_token_id
+    atol = 1e-4 if cfg.trainer.precision == "fp32" else None
+    chunk = unwrap_model(model)[0]
+    if atol is None:  # bf16: relative to the logit range
+        from gemma4vl.training.export_check import megatron_logits
+
+        atol = 0.05 * megatron_logits(chunk, probes[0], image_token_id).abs().max().item()
+    verify_export_logits(chunk, probes[0], image_token_id, cfg.export.dir, cfg.run_dir, atol)
 
 
 def _finish(state) -> None:
