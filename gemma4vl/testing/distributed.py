@@ -116,7 +116,9 @@ def _child_main(
             torch.distributed.init_process_group(
                 backend=backend, init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(minutes=5)
             )
-        value = fn(*args)
+        # Sent as plain-pickled bytes: torch's queue pickler would share tensor storage through a file descriptor
+        # that the parent can only collect while this process is alive, and the rank may exit first (EOFError).
+        value = pickle.dumps(fn(*args))
         results.put((rank, "ok", value, None, None))
     except BaseException as exc:  # noqa: BLE001 -- everything is reported to the parent, which re-raises it
         results.put((rank, "error", repr(exc), traceback.format_exc(), _pickled_exception(exc)))
@@ -217,7 +219,7 @@ def _collect(processes: list, results: mp.Queue, timeout: float) -> list[Any]:
             continue
         if status == "error":
             _raise_rank_failure(rank, value, remote_traceback, pickled)
-        values[rank] = value
+        values[rank] = pickle.loads(value)
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
     return [values[rank] for rank in range(len(processes))]
@@ -237,5 +239,5 @@ def _check_silent_deaths(processes: list, values: dict[int, Any], results: mp.Qu
         late_rank, status, value, remote_traceback, pickled = late
         if status == "error":
             _raise_rank_failure(late_rank, value, remote_traceback, pickled)
-        values[late_rank] = value
+        values[late_rank] = pickle.loads(value)
         return
