@@ -51,6 +51,15 @@ from gemma4vl.models import Gemma4VLModel
 logger = logging.getLogger(__name__)
 
 _FUSED = (ROUTER_PROJ, SHARED_GATE, SHARED_UP)
+
+EXPERT_SLICE = "#"
+"""Export names ``<hf name>#<expert>`` are one expert's slice of a grouped ``[E, ...]`` HF tensor."""
+
+
+def split_expert_slice(name: str) -> tuple[str, int | None]:
+    """(HF tensor name, expert index or None) of an exported name."""
+    base, sep, index = name.rpartition(EXPERT_SLICE)
+    return (base, int(index)) if sep and index.isdigit() else (name, None)
 _EXPORT_DEPENDENCIES = (PRE_FFN_NORM_2, ROUTER_SCALE, PRE_FFN_NORM)
 
 
@@ -158,16 +167,19 @@ class Gemma4VLBridge(MegatronModelBridge):
             else:
                 hf_weights = self._read(task.mapping.hf_param, state)
             converted = task.mapping.hf_to_megatron(hf_weights, task.megatron_module)
-            del hf_weights
-            if converted is None:
-                continue
-            if converted.shape != task.param_weight.shape:
-                raise CheckpointError(
-                    f"{task.mapping.hf_param} converts to shape {list(converted.shape)} but Megatron parameter "
-                    f"{task.global_param_name} has shape {list(task.param_weight.shape)}"
-                )
-            with torch.no_grad():
-                task.param_weight.copy_(converted)
+            if converted is not None:
+                if converted.shape != task.param_weight.shape:
+                    raise CheckpointError(
+                        f"{task.mapping.hf_param} converts to shape {list(converted.shape)} but Megatron parameter "
+                        f"{task.global_param_name} has shape {list(task.param_weight.shape)}"
+                    )
+                with torch.no_grad():
+                    task.param_weight.copy_(converted)
+                state.release(converted)  # e.g. one expert's slice of a grouped tensor
+            if key not in grouped:  # done with the checkpoint bytes of this task
+                for tensor in (hf_weights.values() if isinstance(hf_weights, dict) else [hf_weights]):
+                    state.release(tensor)
+            del hf_weights, converted
         state.close()
         self._broadcast_shared_embeddings(models)
         return models
@@ -230,30 +242,23 @@ class Gemma4VLBridge(MegatronModelBridge):
         return out
 
     def _accumulate_grouped_export(self, task, converted_weights_dict, model_config, grouped_buffers, hf_state_dict):
-        """Assemble a grouped (all-experts) HF tensor in place: one preallocated [E, ...] tensor per group that
-        each expert's weights are copied into, instead of Megatron-Bridge's list of experts plus a stack."""
+        """Stream grouped (all-experts) HF tensors expert by expert: ``<name>#<expert>`` is slice ``expert`` of
+        tensor ``name`` (see :func:`split_expert_slice`). Nothing is assembled in memory; the exporter writes each
+        slice to its place in the shard."""
         from megatron.bridge.utils.common_utils import extract_expert_number_from_param
         from megatron.core import parallel_state
 
         ep_size = parallel_state.get_expert_model_parallel_world_size()
-        num_experts = model_config.num_moe_experts
-        local = extract_expert_number_from_param(task.param_name) % (num_experts // ep_size)
-        done: Dict[str, torch.Tensor] = {}
+        per_rank = model_config.num_moe_experts // ep_size
+        local = extract_expert_number_from_param(task.param_name) % per_rank
+        slices: Dict[str, torch.Tensor] = {}
         for key, value in converted_weights_dict.items():
             if ep_size > 1 and value.shape[0] == ep_size:  # gathered over expert-parallel ranks
-                experts = [(local + i * (num_experts // ep_size), value[i]) for i in range(ep_size)]
+                for i in range(ep_size):
+                    slices[f"{key}{EXPERT_SLICE}{local + i * per_rank}"] = value[i]
             else:
-                experts = [(local, value)]
-            if key not in grouped_buffers:
-                grouped_buffers[key] = {"tensor": torch.empty((num_experts, *experts[0][1].shape),
-                                                              dtype=experts[0][1].dtype), "seen": set()}
-            buf = grouped_buffers[key]
-            for index, weight in experts:
-                buf["tensor"][index].copy_(weight)
-                buf["seen"].add(index)
-            if len(buf["seen"]) == num_experts:
-                done[key] = grouped_buffers.pop(key)["tensor"]
-        return done or None
+                slices[f"{key}{EXPERT_SLICE}{local}"] = value
+        return slices or None
 
     def _unfuse(self, name: str, hf_state_dict) -> torch.Tensor | None:
         state = self._unfusion

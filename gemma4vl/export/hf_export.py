@@ -1,8 +1,9 @@
 """Write a trained model as a Hugging Face checkpoint that ``transformers`` loads.
 
-The weights stream out of the bridge tensor by tensor (every rank takes part in the gathers; global rank 0
-writes). They go into a hidden temporary directory next to the destination, one safetensors shard at a time
-(a shard is written as soon as it is full, so host memory holds at most one shard beyond the model). The
+The weights stream out of the bridge tensor by tensor, grouped expert tensors expert by expert (every rank takes
+part in the gathers; global rank 0 writes). The shards are laid out up front after the source checkpoint's
+tensors and every tensor or expert slice is written straight to its place in a hidden temporary directory next
+to the destination, so host memory holds nothing beyond the model and the tensor in hand. The
 config.json is the source checkpoint's own file (same layout, ``dtype`` updated) and the tokenizer / processor
 / generation files are copied from the source. Only when the index, every shard and every tensor (present,
 right shape, finite) have been verified is the temporary directory renamed to the destination, so an
@@ -20,15 +21,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from gemma4vl.bridge.checkpoint import INDEX_FILE, CheckpointError, check_tensors, scan_checkpoint
+from gemma4vl.bridge.gemma4vl_bridge import split_expert_slice
+from gemma4vl.export.writer import PlannedCheckpointWriter
 from gemma4vl.bridge.hf_config import read_hf_config
 from gemma4vl.bridge.layout import expected_hf_shapes
 
 _WEIGHT_FILES = ("*.safetensors", INDEX_FILE, "config.json", "*.bin", "*.pt")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_INT_DTYPES = {"I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 @dataclass
@@ -112,50 +115,31 @@ def export_hf_checkpoint(
 
 
 def _write_shards(auto_bridge, model, tmp_dir: Path, dtype, max_shard_bytes, writer, show_progress):
-    shards: list[str] = []
-    weight_map: dict[str, str] = {}
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = 0
-    num_bytes = 0
-
-    def flush():
-        nonlocal pending, pending_bytes
-        if not pending:
-            return
-        name = f"model-{len(shards) + 1:05d}.safetensors"
-        save_file(pending, str(tmp_dir / name), metadata={"format": "pt"})
-        shards.append(name)
-        weight_map.update({k: name for k in pending})
-        pending, pending_bytes = {}, 0
-
-    for name, tensor in auto_bridge.export_hf_weights(model, cpu=True, show_progress=show_progress):
-        if not writer:
-            continue
-        if name in weight_map or name in pending:
-            raise RuntimeError(f"export produced '{name}' twice")
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-            if not all_finite(tensor):
-                raise CheckpointError(f"export: tensor '{name}' has non-finite values")
-        tensor = tensor.contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if pending and pending_bytes + size > max_shard_bytes:
-            flush()
-        pending[name] = tensor
-        pending_bytes += size
-        num_bytes += size
-        if pending_bytes >= max_shard_bytes:  # write a full shard at once rather than hold it
-            flush()
-    if writer:
-        flush()
-        # Hugging Face's shard naming: model-0000i-of-0000n.safetensors.
-        final = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for old, new in zip(shards, final):
-            (tmp_dir / old).rename(tmp_dir / new)
-        rename = dict(zip(shards, final))
-        weight_map = {k: rename[v] for k, v in weight_map.items()}
-        shards = final
-    return shards, weight_map, num_bytes
+    """Stream the bridge's export into a :class:`PlannedCheckpointWriter` laid out after the source checkpoint's
+    tensors (every rank iterates, for the collectives; global rank 0 writes)."""
+    source = scan_checkpoint(Path(auto_bridge.hf_pretrained.model_name_or_path))
+    planned = {name: (info.shape, dtype if _SAFETENSORS_DTYPES.get(info.dtype) else _INT_DTYPES[info.dtype])
+               for name, info in source.items()}
+    out = PlannedCheckpointWriter(tmp_dir, planned, max_shard_bytes) if writer else None
+    try:
+        for name, tensor in auto_bridge.export_hf_weights(model, cpu=True, show_progress=show_progress):
+            if out is None:
+                continue
+            name, index = split_expert_slice(name)
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+                if not all_finite(tensor):
+                    where = name if index is None else f"{name}[{index}]"
+                    raise CheckpointError(f"export: tensor '{where}' has non-finite values")
+            out.write(name, tensor, index)
+    except BaseException:
+        if out is not None:
+            out.abort()
+        raise
+    if out is None:
+        return [], {}, 0
+    weight_map = out.finish()
+    return out.shards, weight_map, out.bytes_written
 
 
 def _write_metadata(source_dir: Path, tmp_dir: Path, shards, weight_map, num_bytes, dtype) -> None:
