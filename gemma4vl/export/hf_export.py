@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from gemma4vl.bridge.checkpoint import INDEX_FILE, CheckpointError, check_tensors, scan_checkpoint
 from gemma4vl.bridge.gemma4vl_bridge import split_expert_slice
-from gemma4vl.export.writer import PlannedCheckpointWriter
+from gemma4vl.export.writer import BackgroundWriter, PlannedCheckpointWriter
 from gemma4vl.bridge.hf_config import read_hf_config
 from gemma4vl.bridge.layout import expected_hf_shapes
 
@@ -120,7 +120,8 @@ def _write_shards(auto_bridge, model, tmp_dir: Path, dtype, max_shard_bytes, wri
     source = scan_checkpoint(Path(auto_bridge.hf_pretrained.model_name_or_path))
     planned = {name: (info.shape, dtype if _SAFETENSORS_DTYPES.get(info.dtype) else _INT_DTYPES[info.dtype])
                for name, info in source.items()}
-    out = PlannedCheckpointWriter(tmp_dir, planned, max_shard_bytes) if writer else None
+    plan = PlannedCheckpointWriter(tmp_dir, planned, max_shard_bytes) if writer else None
+    out = BackgroundWriter(plan) if plan is not None else None
     try:
         for name, tensor in auto_bridge.export_hf_weights(model, cpu=True, show_progress=show_progress):
             if out is None:
@@ -139,7 +140,7 @@ def _write_shards(auto_bridge, model, tmp_dir: Path, dtype, max_shard_bytes, wri
     if out is None:
         return [], {}, 0
     weight_map = out.finish()
-    return out.shards, weight_map, out.bytes_written
+    return plan.shards, weight_map, plan.bytes_written
 
 
 def _write_metadata(source_dir: Path, tmp_dir: Path, shards, weight_map, num_bytes, dtype) -> None:

@@ -72,7 +72,8 @@ class PlannedCheckpointWriter:
         self.bytes_written = 0
 
     def write(self, name: str, tensor: torch.Tensor, index: int | None = None) -> None:
-        """Write tensor ``name``, or with ``index``: slice ``index`` of its first dimension."""
+        """Write tensor ``name``, or with ``index``: slice ``index`` of its first dimension (synchronously;
+        see :class:`BackgroundWriter` to overlap writing with producing the next tensors)."""
         planned = self.plan.get(name)
         if planned is None:
             raise KeyError(f"export produced '{name}', which the source checkpoint does not have")
@@ -118,3 +119,48 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+class BackgroundWriter:
+    """Runs a :class:`PlannedCheckpointWriter`'s writes on a thread, so disk writes (which release the GIL)
+    overlap with producing the next tensors. At most ``depth`` tensors wait; an error on the thread is raised
+    by the next :meth:`write` or by :meth:`finish`."""
+
+    def __init__(self, writer: PlannedCheckpointWriter, depth: int = 4):
+        import queue
+        import threading
+
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="export-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:  # handed to the producer
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, name: str, tensor: torch.Tensor, index: int | None = None) -> None:
+        self._raise()
+        self._queue.put((name, tensor, index))
+
+    def _stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def finish(self) -> dict[str, str]:
+        self._stop()
+        self._raise()
+        return self.writer.finish()
+
+    def abort(self) -> None:
+        self._stop()
+        self.writer.abort()
