@@ -322,7 +322,7 @@ class _ParallelCopier:
     parameter pages, which two threads do twice as fast; conversions and collectives stay in order on the calling
     thread. Source pages are released after each copy (see :meth:`MmapCheckpoint.release`)."""
 
-    def __init__(self, reader: MmapCheckpoint, workers: int = 2, max_pending: int = 8):
+    def __init__(self, reader: MmapCheckpoint, workers: int = 3, max_pending: int = 8):
         from concurrent.futures import ThreadPoolExecutor
 
         self.reader = reader

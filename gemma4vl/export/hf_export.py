@@ -7,7 +7,9 @@ to the destination, so host memory holds nothing beyond the model and the tensor
 config.json is the source checkpoint's own file (same layout, ``dtype`` updated) and the tokenizer / processor
 / generation files are copied from the source. Only when the index, every shard and every tensor (present,
 right shape, finite) have been verified is the temporary directory renamed to the destination, so an
-interrupted export never leaves a directory that looks complete.
+interrupted export (the process killed or failing at any point) never leaves a directory that looks complete.
+Files are not fsync'ed (as with ``save_pretrained``): surviving a power loss between the rename and the
+kernel's writeback is not promised.
 """
 
 from __future__ import annotations
@@ -176,9 +178,6 @@ def _verify(tmp_dir: Path, weight_map: dict[str, str]) -> None:
     check_tensors(tensors, expected, optional, where=f"export {tmp_dir}")
     if set(tensors) != set(weight_map):
         raise CheckpointError(f"export {tmp_dir}: shards hold {len(tensors)} tensors, {len(weight_map)} were written")
-    for path in tmp_dir.iterdir():
-        with path.open("rb") as f:
-            os.fsync(f.fileno())
 
 
 def _replace(tmp_dir: Path, out_dir: Path) -> None:

@@ -9,6 +9,7 @@ buffered in memory: peak memory is the tensor in hand. :meth:`finish` checks eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -20,6 +21,7 @@ import torch
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 _ALIGN = 8
+
 
 
 @dataclass
@@ -71,9 +73,20 @@ class PlannedCheckpointWriter:
             self._files[shard] = fd
         self.bytes_written = 0
 
-    def write(self, name: str, tensor: torch.Tensor, index: int | None = None) -> None:
+    def write(self, name: str, tensor: torch.Tensor, index: int | None = None, lock=None) -> None:
         """Write tensor ``name``, or with ``index``: slice ``index`` of its first dimension (synchronously;
-        see :class:`BackgroundWriter` to overlap writing with producing the next tensors)."""
+        see :class:`BackgroundWriter` to overlap writing with producing the next tensors). ``lock`` guards the
+        bookkeeping when several threads write."""
+        with lock or contextlib.nullcontext():
+            offset, fd = self._claim(name, tensor, index)
+        data = tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def _claim(self, name: str, tensor: torch.Tensor, index: int | None) -> tuple[int, int]:
+        """Validate a write and record it; (byte offset, file descriptor) to write it at."""
         planned = self.plan.get(name)
         if planned is None:
             raise KeyError(f"export produced '{name}', which the source checkpoint does not have")
@@ -85,23 +98,18 @@ class PlannedCheckpointWriter:
         if key in planned.written or (index is not None and -1 in planned.written) or (
                 index is None and planned.written):
             raise RuntimeError(f"export produced '{name}'{'' if index is None else f'[{index}]'} twice")
-        data = tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
-        offset = planned.offset + (0 if index is None else index * data.nbytes)
-        view = memoryview(data)
-        while view:
-            done = os.pwrite(self._files[planned.shard], view, offset)
-            view, offset = view[done:], offset + done
+        nbytes = tensor.numel() * tensor.element_size()
         planned.written.add(key)
-        self.bytes_written += data.nbytes
+        self.bytes_written += nbytes
+        return planned.offset + (0 if index is None else index * nbytes), self._files[planned.shard]
 
     def _complete(self, planned: _Planned) -> bool:
         return -1 in planned.written or len(planned.written) == (planned.shape[0] if planned.shape else 1)
 
     def finish(self) -> dict[str, str]:
-        """Flush and close the shards; the weight map (name -> shard). Fails if anything was not written."""
+        """Close the shards; the weight map (name -> shard). Fails if anything was not written."""
         missing = [name for name, planned in self.plan.items() if not self._complete(planned)]
         for fd in self._files.values():
-            os.fsync(fd)
             os.close(fd)
         self._files.clear()
         if missing:
@@ -122,25 +130,28 @@ def _numel(shape) -> int:
 
 
 class BackgroundWriter:
-    """Runs a :class:`PlannedCheckpointWriter`'s writes on a thread, so disk writes (which release the GIL)
-    overlap with producing the next tensors. At most ``depth`` tensors wait; an error on the thread is raised
-    by the next :meth:`write` or by :meth:`finish`."""
+    """Runs a :class:`PlannedCheckpointWriter`'s writes on ``threads`` threads, so disk writes (which release the
+    GIL) overlap with each other and with producing the next tensors. At most ``depth`` tensors wait; an error on
+    a thread is raised by the next :meth:`write` or by :meth:`finish`."""
 
-    def __init__(self, writer: PlannedCheckpointWriter, depth: int = 4):
+    def __init__(self, writer: PlannedCheckpointWriter, depth: int = 4, threads: int = 2):
         import queue
         import threading
 
         self.writer = writer
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="export-writer", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()  # guards the writer's bookkeeping; the disk writes run in parallel
+        self._threads = [threading.Thread(target=self._run, name=f"export-writer-{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self.writer.write(*item)
+                    self.writer.write(*item, lock=self._lock)
                 except BaseException as e:  # handed to the producer
                     self._error = e
 
@@ -153,8 +164,10 @@ class BackgroundWriter:
         self._queue.put((name, tensor, index))
 
     def _stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
 
     def finish(self) -> dict[str, str]:
         self._stop()
