@@ -187,11 +187,13 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(inputs, tmp_path)
         assert loss_b[step] == pytest.approx(loss_a[step], abs=1e-6), (step, loss_a, loss_b)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_status(inputs, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_a_checkpoint_and_exits_with_the_requeue_status(inputs, tmp_path, sig):
     run_dir = tmp_path / "run"
     args = overrides(inputs, run_dir, 12, "checkpoint.save_interval=100")
     proc = start(args)
-    _kill_after(proc, run_dir, 3, signal.SIGTERM, need_checkpoint=False)
+    _kill_after(proc, run_dir, 3, sig, need_checkpoint=False)
     status, out = finish(proc)
     assert status == EXIT_PREEMPTED, f"exit status {status}: " + out[-1500:]
     assert f"exit status {EXIT_PREEMPTED}: rerun the same command to resume" in out
@@ -242,3 +244,19 @@ def test_hydra_multirun_sweep(inputs, tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert max(losses(sweep / "0")) == 1 and max(losses(sweep / "1")) == 2
+
+
+def test_only_a_completed_checkpoint_counts_as_the_latest(tmp_path):
+    """Megatron writes latest_checkpointed_iteration.txt after every rank finished saving; a directory of a save
+    that was cut short (no tracker update) is never resumed from."""
+    from gemma4vl.training.finetune import latest_checkpoint_step
+
+    ckpt = tmp_path / "checkpoints"
+    assert latest_checkpoint_step(ckpt) is None
+    (ckpt / "iter_0000002").mkdir(parents=True)
+    (ckpt / "iter_0000004").mkdir()  # a save in progress when the process died
+    assert latest_checkpoint_step(ckpt) is None
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
+    assert latest_checkpoint_step(ckpt) == 2
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("")  # torn write of the tracker itself
+    assert latest_checkpoint_step(ckpt) is None
