@@ -11,19 +11,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from gemma4vl.testing.fixtures import load_checkpoint_tensors
 from gemma4vl.testing.megatron_harness import forward_logits, hf_model, load_megatron, synthetic_batch
 from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
 
 ATOL = 1e-4
-
-
-def _load_all(path):
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +69,7 @@ def test_round_trip_is_bit_exact(megatron_cpu, tmp_path_factory, tmp_path, dtype
     bridge, model = load_megatron(info.path, params_dtype=torch.float32)
     report = export_hf_checkpoint(bridge, model, tmp_path / "export", max_shard_bytes=200_000)
     assert report.dtype == getattr(torch, dtype) and len(report.shards) > 1
-    source, exported = _load_all(info.path), _load_all(report.path)
+    source, exported = load_checkpoint_tensors(info.path), load_checkpoint_tensors(report.path)
     assert sorted(exported) == sorted(source)
     not_exact = [k for k in source if not torch.equal(source[k], exported[k])]
     assert not_exact == []
@@ -133,8 +126,8 @@ def test_export_after_training_computes_the_trained_model(megatron_cpu, released
 
     # The same check would catch an un-fusion with the checkpoint's original norms: rebuild layer 0's router
     # from the original pre_feedforward_layernorm_2 and watch the reloaded logits move well past tolerance.
-    exported = _load_all(report.path)
-    source = _load_all(released.path)
+    exported = load_checkpoint_tensors(report.path)
+    source = load_checkpoint_tensors(released.path)
     p = "model.language_model.layers.0."
     hidden = exported[p + "router.proj.weight"].shape[1]
     stale = exported.copy()

@@ -6,9 +6,9 @@ export, tensor for tensor.
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from gemma4vl.testing.distributed import run_distributed
+from gemma4vl.testing.fixtures import load_checkpoint_tensors
 from gemma4vl.testing.megatron_harness import forward_logits, load_megatron, synthetic_batch
 from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
 
@@ -28,13 +28,6 @@ def _import_export(hf_dir, out_dir, parallel: dict):
     return logits if dist.get_rank() == 0 else None
 
 
-def _load_all(path):
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
-
 @pytest.fixture(scope="module")
 def reference(megatron_cpu, tmp_path_factory):
     """Single-process logits and export of the tiny fp32 checkpoint."""
@@ -47,7 +40,7 @@ def reference(megatron_cpu, tmp_path_factory):
     logits = forward_logits(model, synthetic_batch(AutoConfig.from_pretrained(info.path), seed=11))
     out = tmp_path_factory.mktemp("reference") / "export"
     export_hf_checkpoint(bridge, model, out)
-    return info.path, logits, _load_all(out)
+    return info.path, logits, load_checkpoint_tensors(out)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +60,7 @@ def test_parallel_import_and_export_match_single_process(reference, tmp_path, pa
     assert logits.shape == ref_logits.shape
     diff = (logits - ref_logits).abs().max().item()
     assert diff <= 1e-5, f"{parallel}: max |logit diff| vs 1 process {diff}"
-    exported = _load_all(out)
+    exported = load_checkpoint_tensors(out)
     assert sorted(exported) == sorted(ref_export)
     differing = [k for k in ref_export if not torch.equal(exported[k], ref_export[k])]
     assert differing == []

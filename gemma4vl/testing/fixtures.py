@@ -216,6 +216,16 @@ def write_checkpoint(
 # Inputs for tests
 
 
+def load_checkpoint_tensors(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` shard in ``checkpoint_dir`` (tests compare whole checkpoints)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
 def make_image(seed: int = 0, size: int | tuple[int, int] = 64):
     """A deterministic RGB `PIL.Image` (smooth gradient + noise); `size` is an int (square) or (width, height).
 
