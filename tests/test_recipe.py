@@ -141,6 +141,8 @@ def test_finetune_end_to_end(inputs, tmp_path):
     logged = {row["_step"]: row["lm loss"] for row in history if "lm loss" in row}
     assert sorted(logged) == list(range(1, 9))
     assert all(logged[s] == pytest.approx(got[s], rel=1e-6) for s in logged)
+    assert sorted(row["_step"] for row in history if "learning-rate" in row) == list(range(1, 9))
+    assert sorted(row["_step"] for row in history if "throughput/tokens_per_sec" in row) == list(range(2, 9))
     tables = [row for row in history if "validation/answers/nrows" in row]
     assert [(row["_step"], row["validation/answers/nrows"]) for row in tables] == [(4, 3), (8, 3)]
     assert [row["validation/answers/_type"] for row in tables] == ["table-file", "table-file"]
@@ -219,14 +221,30 @@ def test_torchrun_two_processes(inputs, tmp_path, experiment):
 
 def test_lora_finetune_exports_the_merged_model(inputs, tmp_path):
     """LoRA on attention: only adapters train, and the export (adapters merged, K=V layers' v rows dropped)
-    reproduces the trained model's logits (checked by the run itself: export.verify_logits)."""
+    reproduces the trained model's logits (checked by the run itself: export.verify_logits). The run logs to
+    TensorBoard (``logger=tensorboard``): its event file holds the same losses as metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     run_dir = tmp_path / "run"
     status, out = run(overrides(inputs, run_dir, 4, "peft=lora", "export.verify_logits=true",
-                                "data.validation_split=validation"))
+                                "data.validation_split=validation", "logger=tensorboard"))
     assert status == 0, out[-4000:]
     assert "trainable" in out.lower() or "PEFT" in out
     got = losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]
+    (event_file,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    logged = {event.step: event.value for event in events.Scalars("lm loss")}
+    assert sorted(logged) == [1, 2, 3, 4]
+    assert all(logged[step] == pytest.approx(got[step], rel=1e-6) for step in logged), (logged, got)
+    tags = set(events.Tags()["scalars"])
+    assert {"learning-rate", "throughput/tokens_per_sec"} <= tags, tags
+    # tokens/s over the 2-step window ending at steps 2, 3 and 4 (global batch 2 x sequence 512 per step).
+    assert [e.step for e in events.Scalars("throughput/tokens_per_sec")] == [2, 3, 4]
+    tokens = [e.value for e in events.Scalars("throughput/tokens_per_sec")]
+    samples = [e.value for e in events.Scalars("throughput/samples_per_sec")]
+    assert all(t > 0 and t == pytest.approx(512 * s, rel=1e-5) for t, s in zip(tokens, samples)), (tokens, samples)
     (check,) = [r for r in read_metrics(run_dir) if "export_max_logit_diff" in r]
     assert check["export_max_logit_diff"] <= 1e-4 and check["export_logit_scale"] > 1.0
 

@@ -116,8 +116,11 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
     provider = auto_bridge.to_megatron_provider(load_weights=False)
     configure_provider(provider, cfg)
     bf16 = t.precision == "bf16"
+    # Throughput (samples/s, tokens/s) goes to TensorBoard / wandb too, averaged over the last log interval
+    # (Megatron-Bridge needs a window of at least 2 steps to measure one).
     logger = LoggerConfig(log_interval=t.log_interval, log_throughput=True, log_progress=False,
-                          timing_log_level=0)
+                          timing_log_level=0, log_throughput_to_tensorboard=True,
+                          throughput_window_size=max(2, t.log_interval))
     if cfg.logger.backend == "tensorboard":
         logger.tensorboard_dir = str(run_dir / "tensorboard")
     elif cfg.logger.backend == "wandb":
