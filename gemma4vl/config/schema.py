@@ -161,13 +161,15 @@ class TrainerConfig:
     """Validation batches per evaluation."""
 
     log_interval: int = 10
-    """Print a progress line (and log metrics) every this many steps."""
+    """Print a progress line (and log metrics) every this many steps; throughput is averaged over this many steps
+    (at least 2)."""
 
     seed: int = 1234
     """Seed of model-parallel RNG streams and the data order."""
 
     exit_on_signal: bool = True
-    """On SIGTERM / SIGUSR1: save a checkpoint and exit with status 143 (see docs), so Slurm can requeue."""
+    """On SIGTERM / SIGUSR1: save a checkpoint and exit with status 75 (``EXIT_PREEMPTED``, see docs/training.md),
+    so Slurm can requeue."""
 
 
 @dataclass
