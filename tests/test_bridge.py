@@ -82,6 +82,42 @@ def test_round_trip_is_bit_exact(megatron_cpu, tmp_path_factory, tmp_path, dtype
             assert (report.path / name).read_bytes() == (info.path / name).read_bytes()
 
 
+@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16])
+def test_import_fuses_router_and_shared_expert_exactly(megatron_cpu, released, params_dtype):
+    """The copy threads fuse while copying (fusion.fuse_into): each fused parameter is exactly
+    fuse(checkpoint tensor, factor) rounded to the model's dtype, as a whole-tensor fuse would give."""
+    from gemma4vl.bridge.fusion import fuse, router_factor, shared_factor
+
+    _, model = load_megatron(released.path, params_dtype=params_dtype)
+    src = load_checkpoint_tensors(released.path)
+    params = dict(model[0].named_parameters())
+    hidden = model[0].config.hidden_size
+    for layer in range(model[0].config.num_layers):
+        hf, mg = f"model.language_model.layers.{layer}.", f"language_model.decoder.layers.{layer}.mlp."
+        w2 = src[hf + "pre_feedforward_layernorm_2.weight"]
+        router = fuse(src[hf + "router.proj.weight"], router_factor(src[hf + "router.scale"], w2, hidden, "t"))
+        shared = shared_factor(src[hf + "pre_feedforward_layernorm.weight"], w2, "t")
+        fc1 = torch.cat([fuse(src[hf + "mlp.gate_proj.weight"], shared), fuse(src[hf + "mlp.up_proj.weight"], shared)])
+        assert params[mg + "router.weight"].dtype == params_dtype
+        assert torch.equal(params[mg + "router.weight"], router.to(params_dtype))
+        assert torch.equal(params[mg + "shared_experts.linear_fc1.weight"], fc1.to(params_dtype))
+        assert not torch.equal(fc1, torch.cat([src[hf + "mlp.gate_proj.weight"], src[hf + "mlp.up_proj.weight"]]))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_fuse_into_equals_a_whole_tensor_fuse(out_dtype):
+    from gemma4vl.bridge.fusion import fuse, fuse_into
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 19, generator=g).to(torch.bfloat16)
+    factor = torch.rand(19, generator=g, dtype=torch.float64) * 3 + 0.1
+    out = torch.empty(37, 19, dtype=out_dtype)
+    fuse_into(out, weight, factor, chunk_elements=19 * 5)  # 8 blocks, the last one 2 rows
+    assert torch.equal(out, fuse(weight, factor).to(out_dtype))
+    with pytest.raises(ValueError, match=r"out \[19, 37\].*weight \[37, 19\]"):
+        fuse_into(torch.empty(19, 37), weight, factor)
+
+
 def _train(model, batch, steps=5, lr=2e-2):
     params = [p for p in model[0].parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)

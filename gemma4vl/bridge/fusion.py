@@ -55,6 +55,21 @@ def fuse(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (weight.to(torch.float64) * factor).to(torch.float32)
 
 
+def fuse_into(out: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, chunk_elements: int = 1 << 20) -> None:
+    """``out.copy_(fuse(weight, factor))``, bit for bit, a block of rows at a time: the float64 temporaries are
+    one block (8 MB at the default), not three whole-tensor copies, and ``out`` is written once. ``weight``
+    and ``out`` have the same shape; ``out`` is contiguous."""
+    if out.shape != weight.shape or not out.is_contiguous():
+        raise ValueError(f"fuse_into: out {list(out.shape)} (contiguous: {out.is_contiguous()}) does not match "
+                         f"weight {list(weight.shape)}")
+    columns = weight.shape[-1]
+    factor = factor.to(weight.device)  # a tensor-parallel mapping may already have put weight on the GPU
+    src, dst = weight.reshape(-1, columns), out.view(-1, columns)
+    rows = max(1, chunk_elements // columns)
+    for begin in range(0, src.shape[0], rows):
+        dst[begin:begin + rows].copy_(fuse(src[begin:begin + rows], factor))
+
+
 def unfuse(fused: torch.Tensor, factor: torch.Tensor, where: str) -> torch.Tensor:
     """Inverse of :func:`fuse` (float64 arithmetic, float32 result)."""
     factor = _check_divisor(factor, f"{where}: fusion factor")

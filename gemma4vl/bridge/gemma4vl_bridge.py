@@ -160,13 +160,17 @@ class Gemma4VLBridge(MegatronModelBridge):
             key = str(task.mapping.hf_param)
             if key in uses:
                 if key not in grouped:
-                    grouped[key] = self._read(task.mapping.hf_param, state)
+                    grouped[key], unfused = self._read(task.mapping.hf_param, state)
+                    assert unfused is None, f"grouped tensor {key} has a fusion"
                 hf_weights = grouped[key]
                 uses[key] -= 1
                 if uses[key] == 0:
                     del grouped[key]
+                factor = None
             else:
-                hf_weights = self._read(task.mapping.hf_param, state)
+                # A fused tensor (router, shared expert) arrives unfused with its per-column factor; the copy
+                # thread fuses it into the parameter (see fusion.fuse_into), off this thread.
+                hf_weights, factor = self._read(task.mapping.hf_param, state)
             converted = task.mapping.hf_to_megatron(hf_weights, task.megatron_module)
             if converted is not None:
                 if converted.shape != task.param_weight.shape:
@@ -176,7 +180,7 @@ class Gemma4VLBridge(MegatronModelBridge):
                     )
                 done = [] if key in grouped else list(hf_weights.values() if isinstance(hf_weights, dict)
                                                          else [hf_weights])
-                copier.copy(task.param_weight, converted, release=[converted, *done])
+                copier.copy(task.param_weight, converted, release=[converted, *done], factor=factor)
             del hf_weights, converted
         copier.wait()
         state.close()
@@ -184,8 +188,9 @@ class Gemma4VLBridge(MegatronModelBridge):
         return models
 
     def _read(self, hf_param, state):
+        """(unfused tensor(s) of one mapping, their fusion factor or None)."""
         try:
-            return self.maybe_modify_loaded_hf_weight(hf_param, state)
+            return self._read_unfused(hf_param, state)
         except (fusion.FusionError, CheckpointError):
             raise
         except Exception as e:  # safetensors raises its own error types on damaged data
@@ -193,23 +198,34 @@ class Gemma4VLBridge(MegatronModelBridge):
 
     def maybe_modify_loaded_hf_weight(self, hf_param, hf_state_dict: Mapping[str, torch.Tensor]):
         """Read the tensor(s) of one mapping, applying the MoE fusions to the router and the shared expert."""
+        weights, factor = self._read_unfused(hf_param, hf_state_dict)
+        if factor is None:
+            return weights
+        if isinstance(weights, dict):
+            return {k: fusion.fuse(w, factor) for k, w in weights.items()}
+        return fusion.fuse(weights, factor)
+
+    def _read_unfused(self, hf_param, hf_state_dict: Mapping[str, torch.Tensor]):
+        """The tensor(s) of one mapping as stored, and the per-input-column factor (float64 [H]) that fuses them:
+        the router's and the shared expert's gate/up have one (see :mod:`gemma4vl.bridge.fusion`), others None.
+        The factor applies per input column, so it commutes with the mappings' row concatenation and
+        tensor-parallel row split."""
         if isinstance(hf_param, dict):
             weights = {k: hf_state_dict[v] for k, v in hf_param.items()}
             gate = layer_and_name(hf_param.get("gate", ""))
             if gate is not None and gate[1] == SHARED_GATE:
                 prefix = HF_LAYER.format(gate[0])
-                factor = fusion.shared_factor(hf_state_dict[prefix + PRE_FFN_NORM], hf_state_dict[prefix + PRE_FFN_NORM_2],
-                                              where=f"layer {gate[0]}")
-                weights = {k: fusion.fuse(w, factor) for k, w in weights.items()}
-            return weights
+                return weights, fusion.shared_factor(hf_state_dict[prefix + PRE_FFN_NORM],
+                                                     hf_state_dict[prefix + PRE_FFN_NORM_2], where=f"layer {gate[0]}")
+            return weights, None
         weight = hf_state_dict[hf_param]
         located = layer_and_name(hf_param)
         if located is not None and located[1] == ROUTER_PROJ:
             prefix = HF_LAYER.format(located[0])
-            factor = fusion.router_factor(hf_state_dict[prefix + ROUTER_SCALE], hf_state_dict[prefix + PRE_FFN_NORM_2],
-                                          hidden_size=weight.shape[1], where=f"layer {located[0]}")
-            weight = fusion.fuse(weight, factor)
-        return weight
+            return weight, fusion.router_factor(hf_state_dict[prefix + ROUTER_SCALE],
+                                                hf_state_dict[prefix + PRE_FFN_NORM_2], hidden_size=weight.shape[1],
+                                                where=f"layer {located[0]}")
+        return weight, None
 
     # ---------------------------------------------------------------- export
     def stream_weights_megatron_to_hf(self, megatron_model, hf_pretrained, *args, **kwargs):
@@ -330,14 +346,20 @@ class _ParallelCopier:
         self.pending: list = []
         self.max_pending = max_pending
 
-    def _copy(self, param: torch.Tensor, source: torch.Tensor, release: list) -> None:
+    def _copy(self, param: torch.Tensor, source: torch.Tensor, release: list, factor: torch.Tensor | None) -> None:
         with torch.no_grad():
-            param.copy_(source)
+            if factor is None:
+                param.copy_(source)
+            else:
+                fusion.fuse_into(param, source, factor)
         for tensor in release:
             self.reader.release(tensor)
 
-    def copy(self, param: torch.Tensor, source: torch.Tensor, release: list) -> None:
-        self.pending.append(self.pool.submit(self._copy, param, source, release))
+    def copy(self, param: torch.Tensor, source: torch.Tensor, release: list,
+             factor: torch.Tensor | None = None) -> None:
+        """``param <- source`` (``fuse(source, factor)`` when a fusion factor is given) on a pool thread; then
+        the pages of the tensors in ``release`` leave this process."""
+        self.pending.append(self.pool.submit(self._copy, param, source, release, factor))
         while len(self.pending) > self.max_pending:
             self.pending.pop(0).result()
 
