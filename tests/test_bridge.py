@@ -88,8 +88,9 @@ def test_import_fuses_router_and_shared_expert_exactly(megatron_cpu, released, p
     fuse(checkpoint tensor, factor) rounded to the model's dtype, as a whole-tensor fuse would give."""
     from gemma4vl.bridge.fusion import fuse, router_factor, shared_factor
 
-    _, model = load_megatron(released.path, params_dtype=params_dtype)
+    bridge, model = load_megatron(released.path, params_dtype=params_dtype)
     src = load_checkpoint_tensors(released.path)
+    model_bridge = bridge._model_bridge  # Megatron-Bridge's hook (its streaming loader) still returns fused tensors
     params = dict(model[0].named_parameters())
     hidden = model[0].config.hidden_size
     for layer in range(model[0].config.num_layers):
@@ -102,6 +103,10 @@ def test_import_fuses_router_and_shared_expert_exactly(megatron_cpu, released, p
         assert torch.equal(params[mg + "router.weight"], router.to(params_dtype))
         assert torch.equal(params[mg + "shared_experts.linear_fc1.weight"], fc1.to(params_dtype))
         assert not torch.equal(fc1, torch.cat([src[hf + "mlp.gate_proj.weight"], src[hf + "mlp.up_proj.weight"]]))
+        assert torch.equal(model_bridge.maybe_modify_loaded_hf_weight(hf + "router.proj.weight", src), router)
+        hooked = model_bridge.maybe_modify_loaded_hf_weight(
+            {"gate": hf + "mlp.gate_proj.weight", "up": hf + "mlp.up_proj.weight"}, src)
+        assert torch.equal(torch.cat([hooked["gate"], hooked["up"]]), fc1)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
