@@ -55,19 +55,32 @@ def fuse(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (weight.to(torch.float64) * factor).to(torch.float32)
 
 
-def fuse_into(out: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, chunk_elements: int = 1 << 20) -> None:
-    """``out.copy_(fuse(weight, factor))``, bit for bit, a block of rows at a time: the float64 temporaries are
-    one block (8 MB at the default), not three whole-tensor copies, and ``out`` is written once. ``weight``
-    and ``out`` have the same shape; ``out`` is contiguous."""
+def fuse_into(out: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, chunk_elements: int = 1 << 18) -> None:
+    """``out.copy_(fuse(weight, factor))``, bit for bit, a block of rows at a time through one reused float64
+    scratch block (2 MB at the default): no whole-tensor temporaries, and no fresh temporary per block (on this
+    platform every freshly faulted page costs several microseconds, so temporaries that are allocated and freed
+    per block cost more than the arithmetic). ``weight`` and ``out`` have the same shape; ``out`` is contiguous.
+    The steps are those of :func:`fuse`: exact widening to float64, the float64 product, rounding to float32
+    (then to ``out``'s dtype, as ``fuse(...).to(out.dtype)`` would)."""
     if out.shape != weight.shape or not out.is_contiguous():
         raise ValueError(f"fuse_into: out {list(out.shape)} (contiguous: {out.is_contiguous()}) does not match "
                          f"weight {list(weight.shape)}")
     columns = weight.shape[-1]
-    factor = factor.to(weight.device)  # a tensor-parallel mapping may already have put weight on the GPU
+    factor = factor.to(device=weight.device, dtype=torch.float64)  # a TP mapping may have put weight on the GPU
     src, dst = weight.reshape(-1, columns), out.view(-1, columns)
-    rows = max(1, chunk_elements // columns)
+    rows = max(1, min(src.shape[0], chunk_elements // columns))
+    scratch = torch.empty(rows, columns, dtype=torch.float64, device=weight.device)
+    narrow = None if out.dtype == torch.float32 else torch.empty(rows, columns, dtype=torch.float32,
+                                                                   device=weight.device)
     for begin in range(0, src.shape[0], rows):
-        dst[begin:begin + rows].copy_(fuse(src[begin:begin + rows], factor))
+        n = min(rows, src.shape[0] - begin)
+        block = scratch[:n]
+        block.copy_(src[begin:begin + n])
+        block.mul_(factor)
+        if narrow is None:
+            dst[begin:begin + n].copy_(block)
+        else:
+            dst[begin:begin + n].copy_(narrow[:n].copy_(block))
 
 
 def unfuse(fused: torch.Tensor, factor: torch.Tensor, where: str) -> torch.Tensor:
