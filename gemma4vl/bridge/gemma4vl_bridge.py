@@ -334,10 +334,10 @@ class Gemma4VLBridge(MegatronModelBridge):
 
 
 class _ParallelCopier:
-    """Parameter copies on a small thread pool: most of an import's time is the kernel faulting in fresh
-    parameter pages, which two threads do faster than one; the mappings' conversions and collectives stay in order
-    on the calling thread, the MoE fusions run here (:func:`fusion.fuse_into`). Source pages are released after
-    each copy (see :meth:`MmapCheckpoint.release`)."""
+    """Parameter copies on a small thread pool, so that the mappings' conversions and collectives (in order, on
+    the calling thread) overlap the copies, which are most of an import's time (the kernel faulting in fresh
+    parameter pages; 0, 1 and 3 threads measured alike here, see docs/bridge.md). The MoE fusions run here
+    (:func:`fusion.fuse_into`). Source pages are released after each copy (see :meth:`MmapCheckpoint.release`)."""
 
     def __init__(self, reader: MmapCheckpoint, workers: int = 3, max_pending: int = 8):
         from concurrent.futures import ThreadPoolExecutor
