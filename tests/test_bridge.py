@@ -109,6 +109,36 @@ def test_import_fuses_router_and_shared_expert_exactly(megatron_cpu, released, p
         assert torch.equal(torch.cat([hooked["gate"], hooked["up"]]), fc1)
 
 
+@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16])
+def test_import_writes_qkv_like_the_stock_merge(megatron_cpu, released, params_dtype):
+    """Without TP the importer copies q, k and v straight into their rows of linear_qkv (mappings.copy_plan);
+    the parameter equals Megatron-Bridge's own merge_qkv_weights, for sliding layers and for K=V full layers
+    (values = keys), and a plan whose pieces do not fit is an error naming the parameter's shape."""
+    from megatron.bridge.models.conversion.param_mapping import merge_qkv_weights
+
+    from gemma4vl.bridge.mappings import qkv_copy_plan
+
+    _, model = load_megatron(released.path, params_dtype=params_dtype)
+    src = load_checkpoint_tensors(released.path)
+    layers = model[0].language_model.decoder.layers
+    seen = set()
+    for layer in layers:
+        attn = f"model.language_model.layers.{layer.layer_number - 1}.self_attn."
+        config = layer.self_attention.linear_qkv.config
+        assert config.num_attention_heads // config.num_query_groups > 1  # interleaving is exercised
+        q, k = src[attn + "q_proj.weight"], src[attn + "k_proj.weight"]
+        v = src.get(attn + "v_proj.weight", k)
+        seen.add((layer.layer_type, attn + "v_proj.weight" in src))
+        expected = merge_qkv_weights(config, q, k, v).to(params_dtype)
+        assert torch.equal(layer.self_attention.linear_qkv.weight, expected)
+    assert seen == {("sliding_attention", True), ("full_attention", False)}
+    param = torch.empty_like(layers[0].self_attention.linear_qkv.weight)
+    config = layers[0].self_attention.linear_qkv.config
+    with pytest.raises(ValueError, match=r"linear_qkv of shape .* does not fit"):
+        qkv_copy_plan(config, param, torch.zeros(1, param.shape[1]), torch.zeros(1, param.shape[1]),
+                      torch.zeros(1, param.shape[1]))
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_fuse_into_equals_a_whole_tensor_fuse(out_dtype):
     from gemma4vl.bridge.fusion import fuse, fuse_into

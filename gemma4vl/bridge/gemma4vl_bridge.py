@@ -171,21 +171,37 @@ class Gemma4VLBridge(MegatronModelBridge):
                 # A fused tensor (router, shared expert) arrives unfused with its per-column factor; the copy
                 # thread fuses it into the parameter (see fusion.fuse_into), off this thread.
                 hf_weights, factor = self._read(task.mapping.hf_param, state)
-            converted = task.mapping.hf_to_megatron(hf_weights, task.megatron_module)
-            if converted is not None:
-                if converted.shape != task.param_weight.shape:
-                    raise CheckpointError(
-                        f"{task.mapping.hf_param} converts to shape {list(converted.shape)} but Megatron parameter "
-                        f"{task.global_param_name} has shape {list(task.param_weight.shape)}"
-                    )
-                done = [] if key in grouped else list(hf_weights.values() if isinstance(hf_weights, dict)
-                                                         else [hf_weights])
-                copier.copy(task.param_weight, converted, release=[converted, *done], factor=factor)
-            del hf_weights, converted
+            sources = list(hf_weights.values()) if isinstance(hf_weights, dict) else [hf_weights]
+            done = [] if key in grouped else sources
+            plan = self._copy_plan(task, hf_weights)
+            if plan is not None:
+                copier.copy(plan, release=done, factor=factor)
+            else:
+                converted = task.mapping.hf_to_megatron(hf_weights, task.megatron_module)
+                if converted is not None:
+                    if converted.shape != task.param_weight.shape:
+                        raise CheckpointError(
+                            f"{task.mapping.hf_param} converts to shape {list(converted.shape)} but Megatron "
+                            f"parameter {task.global_param_name} has shape {list(task.param_weight.shape)}")
+                    copier.copy([(task.param_weight, converted)], release=[converted, *done], factor=factor)
+                del converted
+            del hf_weights, sources, done, plan
         copier.wait()
         state.close()
         self._broadcast_shared_embeddings(models)
         return models
+
+    @staticmethod
+    def _copy_plan(task, hf_weights):
+        """The mapping's direct copies into the parameter (see :mod:`gemma4vl.bridge.mappings`), or None."""
+        planner = getattr(task.mapping, "copy_plan", None)  # only our concatenating mappings have one
+        if planner is None:
+            return None
+        try:
+            return planner(hf_weights, task.megatron_module, task.param_weight)
+        except ValueError as e:
+            raise CheckpointError(f"{task.mapping.hf_param} -> Megatron parameter {task.global_param_name}: "
+                                  f"{e}") from e
 
     def _read(self, hf_param, state):
         """(unfused tensor(s) of one mapping, their fusion factor or None)."""
@@ -347,20 +363,20 @@ class _ParallelCopier:
         self.pending: list = []
         self.max_pending = max_pending
 
-    def _copy(self, param: torch.Tensor, source: torch.Tensor, release: list, factor: torch.Tensor | None) -> None:
+    def _copy(self, plan: list, release: list, factor: torch.Tensor | None) -> None:
         with torch.no_grad():
-            if factor is None:
-                param.copy_(source)
-            else:
-                fusion.fuse_into(param, source, factor)
+            for param, source in plan:
+                if factor is None:
+                    param.copy_(source)
+                else:
+                    fusion.fuse_into(param, source, factor)
         for tensor in release:
             self.reader.release(tensor)
 
-    def copy(self, param: torch.Tensor, source: torch.Tensor, release: list,
-             factor: torch.Tensor | None = None) -> None:
-        """``param <- source`` (``fuse(source, factor)`` when a fusion factor is given) on a pool thread; then
-        the pages of the tensors in ``release`` leave this process."""
-        self.pending.append(self.pool.submit(self._copy, param, source, release, factor))
+    def copy(self, plan: list, release: list, factor: torch.Tensor | None = None) -> None:
+        """``dest <- source`` for each ``(dest, source)`` of ``plan`` (``fuse(source, factor)`` when a fusion
+        factor is given) on a pool thread; then the pages of the tensors in ``release`` leave this process."""
+        self.pending.append(self.pool.submit(self._copy, plan, release, factor))
         while len(self.pending) > self.max_pending:
             self.pending.pop(0).result()
 

@@ -14,15 +14,16 @@ import re
 
 import torch
 from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
-from megatron.bridge.models.conversion.param_mapping import (
-    AutoMapping,
-    FusedExpertMapping,
-    GatedMLPMapping,
-    QKVMapping,
-)
+from megatron.bridge.models.conversion.param_mapping import AutoMapping, FusedExpertMapping
 
 from gemma4vl.bridge.hf_config import Gemma4HFConfig
-from gemma4vl.bridge.mappings import ExpertGateUpMapping, KEqualsVQKVMapping, ReplicatedOnDeviceMapping
+from gemma4vl.bridge.mappings import (
+    DirectGatedMLPMapping,
+    DirectQKVMapping,
+    ExpertGateUpMapping,
+    KEqualsVQKVMapping,
+    ReplicatedOnDeviceMapping,
+)
 
 HF_LAYER = "model.language_model.layers.{}."
 MG_LAYER = "language_model.decoder.layers.{}."
@@ -65,7 +66,7 @@ def mapping_registry(cfg: Gemma4HFConfig) -> MegatronMappingRegistry:
         ReplicatedOnDeviceMapping("embed_vision.embedding_projection.weight",
                                   "model.embed_vision.embedding_projection.weight"),
         AutoMapping(mg + "self_attention.linear_proj.weight", hf + "self_attn.o_proj.weight"),
-        GatedMLPMapping(mg + "mlp.shared_experts.linear_fc1.weight", gate=hf + SHARED_GATE, up=hf + SHARED_UP),
+        DirectGatedMLPMapping(mg + "mlp.shared_experts.linear_fc1.weight", gate=hf + SHARED_GATE, up=hf + SHARED_UP),
         AutoMapping(mg + "mlp.shared_experts.linear_fc2.weight", hf + "mlp.down_proj.weight"),
         ExpertGateUpMapping(mg + "mlp.experts.local_experts.*.linear_fc1.weight", hf + "experts.gate_up_proj"),
         FusedExpertMapping(mg + "mlp.experts.local_experts.*.linear_fc2.weight", hf + "experts.down_proj"),
@@ -79,8 +80,8 @@ def mapping_registry(cfg: Gemma4HFConfig) -> MegatronMappingRegistry:
         if cfg.arch.attention(layer_type).k_eq_v:
             mappings.append(KEqualsVQKVMapping(qkv, q=attn + "q_proj.weight", k=attn + "k_proj.weight"))
         else:
-            mappings.append(QKVMapping(qkv, q=attn + "q_proj.weight", k=attn + "k_proj.weight",
-                                       v=attn + "v_proj.weight"))
+            mappings.append(DirectQKVMapping(qkv, q=attn + "q_proj.weight", k=attn + "k_proj.weight",
+                                             v=attn + "v_proj.weight"))
     return MegatronMappingRegistry(*mappings)
 
 

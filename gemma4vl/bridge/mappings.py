@@ -9,22 +9,82 @@
 - :class:`ReplicatedOnDeviceMapping`: a replicated tensor broadcast over tensor-parallel ranks on the
   parameter's own device (the stock ``ReplicatedMapping`` moves it to ``torch.cuda.current_device()``, which
   does not exist on a CPU run).
+- :class:`DirectQKVMapping`, :class:`DirectGatedMLPMapping` (and :class:`KEqualsVQKVMapping`): the stock q/k/v
+  and gate/up mappings, plus a :meth:`copy_plan` the importer uses without tensor parallelism: the checkpoint
+  tensors are copied straight into their rows of the parameter, instead of first being concatenated into a
+  temporary as large as the parameter (fresh memory that costs more than the copy on this platform, see
+  docs/bridge.md). Export and tensor-parallel import are the stock code.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.bridge.models.conversion.param_mapping import (
     AutoMapping,
     FusedGatedExpertMapping,
+    GatedMLPMapping,
     MegatronParamMapping,
+    QKVMapping,
     ReplicatedMapping,
     merge_qkv_weights,
     split_qkv_weights,
 )
 from megatron.bridge.models.conversion.utils import remove_non_pickleables
+
+
+CopyPlan = List[Tuple[torch.Tensor, torch.Tensor]]
+"""(destination view of the parameter, checkpoint tensor of the same shape) pairs that together fill it."""
+
+
+def qkv_copy_plan(config, param: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> CopyPlan:
+    """Where q, k and v go in Megatron-Core's interleaved ``linear_qkv`` [G * (Q/G + 2) * D, H] (per query group
+    g: its Q/G query heads, then its key head, then its value head; the layout of ``merge_qkv_weights``)."""
+    if getattr(config, "attention_output_gate", False):
+        raise NotImplementedError("copy_plan: gated attention output is not supported")
+    heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
+    per_group = heads // groups * dim
+    if param.ndim != 2 or param.shape[0] != groups * (per_group + 2 * dim):
+        raise ValueError(f"linear_qkv of shape {list(param.shape)} does not hold {heads} query heads and "
+                         f"{groups} key/value heads of size {dim}")
+    hidden = param.shape[1]
+    rows = param.view(groups, per_group + 2 * dim, hidden)
+    plan = []
+    for dest, source in ((rows[:, :per_group], q), (rows[:, per_group:per_group + dim], k),
+                         (rows[:, per_group + dim:], v)):
+        if source.numel() != dest.numel() or source.shape[-1] != hidden:
+            raise ValueError(f"linear_qkv of shape {list(param.shape)}: a checkpoint projection of shape "
+                             f"{list(source.shape)} does not fit {list(dest.shape)}")
+        plan.append((dest, source.view(dest.shape)))
+    return plan
+
+
+class DirectQKVMapping(QKVMapping):
+    """:class:`QKVMapping` with a :meth:`copy_plan` (see the module docstring)."""
+
+    def copy_plan(self, hf_weights: Dict[str, torch.Tensor], megatron_module: torch.nn.Module,
+                  param: torch.Tensor) -> Optional[CopyPlan]:
+        """Where each checkpoint tensor goes in ``param``; None with tensor parallelism (use ``hf_to_megatron``)."""
+        if self.tp_size != 1 or hf_weights["q"].ndim != 2:
+            return None
+        return qkv_copy_plan(self._get_config(megatron_module), param, hf_weights["q"], hf_weights["k"],
+                             hf_weights["v"])
+
+
+class DirectGatedMLPMapping(GatedMLPMapping):
+    """:class:`GatedMLPMapping` with a :meth:`copy_plan`: gate rows first, then up rows."""
+
+    def copy_plan(self, hf_weights: Dict[str, torch.Tensor], megatron_module: torch.nn.Module,
+                  param: torch.Tensor) -> Optional[CopyPlan]:
+        """Where each checkpoint tensor goes in ``param``; None with tensor parallelism (use ``hf_to_megatron``)."""
+        if self.tp_size != 1:
+            return None
+        gate, up = hf_weights["gate"], hf_weights["up"]
+        if gate.shape[0] + up.shape[0] != param.shape[0]:
+            raise ValueError(f"linear_fc1 of shape {list(param.shape)} does not hold gate {list(gate.shape)} and "
+                             f"up {list(up.shape)}")
+        return [(param[:gate.shape[0]], gate), (param[gate.shape[0]:], up)]
 
 
 class KEqualsVQKVMapping(MegatronParamMapping[Dict[str, torch.Tensor]]):
@@ -41,6 +101,14 @@ class KEqualsVQKVMapping(MegatronParamMapping[Dict[str, torch.Tensor]]):
             # Synthesise V = K: the value rows are a copy of the key rows.
             merged = merge_qkv_weights(config, hf_weights["q"], hf_weights["k"], hf_weights["k"])
         return self._tp_mapping.hf_to_megatron(merged, megatron_module)
+
+    def copy_plan(self, hf_weights: Dict[str, torch.Tensor], megatron_module: torch.nn.Module,
+                  param: torch.Tensor) -> Optional[CopyPlan]:
+        """Where q and k (twice: the synthesised values) go in ``param``; None with tensor parallelism."""
+        if self.tp_size != 1:
+            return None
+        return qkv_copy_plan(self._get_config(megatron_module), param, hf_weights["q"], hf_weights["k"],
+                             hf_weights["k"])
 
     def megatron_to_hf(
         self, megatron_weights: Optional[torch.Tensor], megatron_module: Optional[torch.nn.Module]
