@@ -41,7 +41,7 @@ CopyPlan = List[Tuple[torch.Tensor, torch.Tensor]]
 def qkv_copy_plan(config, param: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> CopyPlan:
     """Where q, k and v go in Megatron-Core's interleaved ``linear_qkv`` [G * (Q/G + 2) * D, H] (per query group
     g: its Q/G query heads, then its key head, then its value head; the layout of ``merge_qkv_weights``)."""
-    if getattr(config, "attention_output_gate", False):
+    if config.attention_output_gate:
         raise NotImplementedError("copy_plan: gated attention output is not supported")
     heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
     per_group = heads // groups * dim
@@ -81,7 +81,7 @@ class DirectGatedMLPMapping(GatedMLPMapping):
         if self.tp_size != 1:
             return None
         gate, up = hf_weights["gate"], hf_weights["up"]
-        if gate.shape[0] + up.shape[0] != param.shape[0]:
+        if gate.shape[0] + up.shape[0] != param.shape[0] or not gate.shape[1:] == up.shape[1:] == param.shape[1:]:
             raise ValueError(f"linear_fc1 of shape {list(param.shape)} does not hold gate {list(gate.shape)} and "
                              f"up {list(up.shape)}")
         return [(param[:gate.shape[0]], gate), (param[gate.shape[0]:], up)]
