@@ -28,7 +28,7 @@ from megatron.bridge.models.conversion.utils import get_module_and_param_from_na
 from megatron.core.utils import unwrap_model
 from transformers import Gemma4ForConditionalGeneration
 
-from gemma4vl.bridge import fusion
+from gemma4vl.bridge import fusion, host_pages
 from gemma4vl.bridge.checkpoint import CheckpointError, check_tensors, scan_checkpoint
 from gemma4vl.bridge.hf_config import Gemma4HFConfig, check_against_transformers, read_hf_config
 from gemma4vl.bridge.layout import (
@@ -352,7 +352,8 @@ class Gemma4VLBridge(MegatronModelBridge):
 class _ParallelCopier:
     """Parameter copies on a small thread pool, so that the mappings' conversions and collectives (in order, on
     the calling thread) overlap the copies, which are most of an import's time (the kernel faulting in fresh
-    parameter pages; 0, 1 and 3 threads measured alike here, see docs/bridge.md). The MoE fusions run here
+    parameter pages; 0, 1 and 3 threads measured alike here, see docs/bridge.md). Each destination's pages are
+    populated first (:func:`host_pages.populate`, large ones half on a helper thread). The MoE fusions run here
     (:func:`fusion.fuse_into`). Source pages are released after each copy (see :meth:`MmapCheckpoint.release`)."""
 
     def __init__(self, reader: MmapCheckpoint, workers: int = 3, max_pending: int = 8):
@@ -360,12 +361,14 @@ class _ParallelCopier:
 
         self.reader = reader
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="import-copy")
+        self.helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-populate")
         self.pending: list = []
         self.max_pending = max_pending
 
     def _copy(self, plan: list, release: list, factor: torch.Tensor | None) -> None:
         with torch.no_grad():
             for param, source in plan:
+                host_pages.populate(param, self.helper)
                 if factor is None:
                     param.copy_(source)
                 else:
@@ -385,6 +388,7 @@ class _ParallelCopier:
             future.result()
         self.pending.clear()
         self.pool.shutdown()
+        self.helper.shutdown()
 
 
 @dataclass
