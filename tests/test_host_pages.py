@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import resource
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from gemma4vl.bridge import host_pages
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux-only")
 
 MB = 1 << 20
-PAGE = 4096
+PAGE = mmap.PAGESIZE  # as host_pages aligns
 
 
 def _faults_while(fn) -> int:
