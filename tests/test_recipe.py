@@ -186,11 +186,13 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(inputs, tmp_path)
     loss_a, loss_b = losses(a), losses(b)
     assert sorted(loss_b) == list(range(1, 7))
     # Two CPU processes running the same command are not always bit-identical: a few in a hundred compute step 1's
-    # loss as 6.124523639678955 instead of 6.124521732330322 (3e-7 relative; 5 of ~100 processes here, once in CI;
-    # the first difference seen was in the vision tower's rotary table), 1e-6 relative by step 6. Not MKL's
-    # thread-count-dependent GEMMs: with strict CNR the same two step-1 values occur. So rel=1e-5 (10x that
-    # spread), still 10^4 below what one training step changes here (0.5): a resume that replayed or skipped a
-    # batch, or restarted Adam's moments or the LR schedule, moves the losses by a sizeable part of a step's change.
+    # loss as 6.124523639678955 instead of 6.124521732330322 (3e-7 relative; 5 of ~100 processes here, once in CI),
+    # 1e-6 relative by step 6. Caught once with every module's output hashed: the first difference is in the HF
+    # vision tower's rotary table, where torch.cos of identical inputs came out wrong by up to 1.5e-4 (cos(1) =
+    # 0.5403335) in exactly the main thread's half of the array (the OpenMP worker's half was exact). Not
+    # reproduced by MKL's strict CNR or VML modes, the MXCSR rounding mode, FTZ/DAZ or the CPU-capability dispatch;
+    # unexplained. So rel=1e-5 (10x the spread), still 10^4 below what one training step changes here (0.5): a
+    # resume that replayed or skipped a batch, or restarted Adam's moments or the LR schedule, is far outside it.
     for step in range(1, 7):
         assert loss_b[step] == pytest.approx(loss_a[step], rel=1e-5), (step, loss_a, loss_b)
 
