@@ -2,7 +2,8 @@
 
 With no arguments: the CPU demo (tiny random model, synthetic VQA). Groups: model, parallel, data, optim, peft,
 trainer, logger, checkpoint, export, experiment, debug (see conf/). Under torchrun or Slurm, see launch/.
-Exit status: 0 when done, 75 when a SIGTERM / SIGUSR1 stopped the run after saving a checkpoint (rerun the
+Exit status: 0 when done, 1 with `error: <what and where>` for bad input found before training, 75 when a
+SIGTERM / SIGUSR1 stopped the run after saving a checkpoint (rerun the
 same command to resume).
 """
 
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 
 from gemma4vl.config import register_configs
 from gemma4vl.config.compose import to_run_config
+from gemma4vl.config.validate import ConfigError
 from gemma4vl.training.finetune import finetune, main_exit_code
 from recipes.inputs import prepare_demo_inputs
 
@@ -23,7 +25,10 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     run = to_run_config(cfg)
     prepare_demo_inputs(run)  # the demo's generated checkpoint / data, only where the config points at them
-    code = main_exit_code(finetune(run))
+    try:
+        code = main_exit_code(finetune(run))
+    except ConfigError as e:  # bad input found before training: the message says what and where, no traceback
+        sys.exit(f"error: {e}")
     if code:
         sys.exit(code)  # SystemExit passes through Hydra's error reporting
 

@@ -367,6 +367,80 @@ def _base(run_dir, ckpt, data, *extra):
             "checkpoint.save_interval=null", *extra]
 
 
+def _case_inputs(tmp: Path, demo_rows: Path) -> dict[str, Path]:
+    """Paths the table's cases refer to: a run dir with a checkpoint, a file blocking a directory, bad data."""
+    import shutil
+
+    done = tmp / "done-run"
+    run = _run(_base(done, "x", "y"), done)
+    _fake_checkpoint(done / "checkpoints", 2, run)
+    (tmp / "blocker").write_text("a file, not a directory")
+    (tmp / "empty").mkdir()
+    (tmp / "empty" / "train.jsonl").write_text("")
+    shutil.copytree(demo_rows, tmp / "badjson")
+    lines = (tmp / "badjson" / "train.jsonl").read_text().splitlines()
+    (tmp / "badjson" / "train.jsonl").write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
+    return {"done": done, "blocker": tmp / "blocker", "empty": tmp / "empty", "badjson": tmp / "badjson"}
+
+
+# (overrides, expected message) per class of bad input found before training ({name}: paths from _case_inputs).
+# Every out-of-range value is covered by the library-level table above; these show the recipe's exit path.
+RECIPE_CASES = [
+    (["trainer.micro_batch_size=0"], "trainer.micro_batch_size=0 must be >= 1"),
+    (["optim.lr=-1e-4", "optim.min_lr=-1e-6"], "optim.lr=-0.0001 must be > 0"),
+    (["checkpoint.save_interval=0"], "checkpoint.save_interval=0 must be >= 1, or null"),
+    (["hydra.run.dir={done}", "trainer.train_iters=4"],
+     "learning-rate decay iterations from trainer.train_iters (optim.decay_iters=null): 4 now, 2 in the checkpoint"),
+    (["hydra.run.dir={done}", "checkpoint.resume=false"], "checkpoint.resume=false, but checkpoint.dir="),
+    (["checkpoint.dir={blocker}/ckpt", "checkpoint.save_interval=1"], "checkpoint.dir={blocker}/ckpt: not writable"),
+    (["export.dir={blocker}/sub/hf_export"], "export.dir (its parent)={blocker}/sub: not writable"),
+    (["data.path={empty}"], "data.path={empty} (split 'train'): the data files"),
+    (["data.path={badjson}"], "data.path={badjson} (split 'train'): 1 line(s) of the data are not JSON rows: "
+                              "{badjson}/train.jsonl:3: not valid JSON"),
+]
+
+
+def test_recipe_refuses_bad_input_before_training(demo_rows, ckpt, tmp_path):
+    """Each row: exit status 1, `error: <message naming the key / file>` (no traceback), inputs unchanged, no
+    weight read (the runs stop in validation)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = _case_inputs(tmp_path, demo_rows)
+    inputs = [ckpt, demo_rows, paths["empty"], paths["badjson"], paths["done"] / "checkpoints"]
+    before = [tree_digest(p) for p in inputs] + [paths["blocker"].read_text()]
+
+    def one(k):
+        extra, _ = RECIPE_CASES[k]
+        args = _base(tmp_path / f"run{k}", ckpt, demo_rows, "checkpoint.save_interval=2")
+        return _recipe(args + [e.format(**paths) for e in extra])
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, range(len(RECIPE_CASES))))
+    for (extra, message), (status, out) in zip(RECIPE_CASES, results):
+        assert status == 1, (extra, out[-2000:])
+        assert f"error: " in out and message.format(**paths) in out, (extra, out[-2000:])
+        assert "Traceback" not in out.split("error: ")[-1], extra
+    assert [tree_digest(p) for p in inputs] + [paths["blocker"].read_text()] == before
+
+
+def test_a_fresh_run_starts_a_clean_metrics_log_and_clears_export_leftovers(demo_rows, ckpt, tmp_path):
+    """Killed before the first checkpoint, the next run starts over: metrics.jsonl holds each step once, and the
+    partial export a killed export left behind is removed."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    partial = run_dir / f".hf_export.partial-{2**22 + 777}"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 1000)
+    status, out = _recipe(_base(run_dir, ckpt, demo_rows))
+    assert status == 0, out[-3000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2]
+    assert not partial.exists() and (run_dir / "hf_export" / "config.json").is_file()
+    assert "removed" in out and partial.name in out
+
+
 def test_recipe_never_writes_into_a_named_input(demo_rows, ckpt, tmp_path):
     """An incomplete checkpoint directory and a mistyped data path: errors naming the key; nothing written there."""
     user = tmp_path / "user"

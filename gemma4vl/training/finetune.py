@@ -24,6 +24,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from gemma4vl.config.schema import RunConfig
+from gemma4vl.config.validate import ConfigError
 from gemma4vl.export.hf_export import recover_interrupted_export
 from gemma4vl.runtime import setup_runtime
 from gemma4vl.training.preflight import (  # noqa: F401  (latest_checkpoint_step re-exported)
@@ -92,18 +93,18 @@ def resolve_hf_path(path: str) -> Path:
     if (local / "config.json").is_file():
         return local
     if local.is_dir():
-        raise FileNotFoundError(f"model.hf_path={path}: the directory has no config.json (expected a Hugging Face "
+        raise ConfigError(f"model.hf_path={path}: the directory has no config.json (expected a Hugging Face "
                                 "checkpoint: config.json, model*.safetensors, processor files; an incomplete copy?)")
     if local.exists():
-        raise FileNotFoundError(f"model.hf_path={path}: not a directory (expected a Hugging Face checkpoint dir)")
+        raise ConfigError(f"model.hf_path={path}: not a directory (expected a Hugging Face checkpoint dir)")
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"model.hf_path={path}: no such directory (and not a hub id like owner/name)")
+        raise ConfigError(f"model.hf_path={path}: no such directory (and not a hub id like owner/name)")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=path))
     except Exception as e:  # noqa: BLE001 - offline, unknown id, gated ...
-        raise FileNotFoundError(f"model.hf_path={path}: no such local directory, and downloading it as a hub id "
+        raise ConfigError(f"model.hf_path={path}: no such local directory, and downloading it as a hub id "
                                 f"failed ({type(e).__name__}: {e})") from e
 
 
