@@ -142,7 +142,7 @@ def _parse_size(text: str) -> int:
 
 def finetune(cfg: RunConfig) -> FinetuneResult:
     """Run ``cfg`` end to end (see module docstring)."""
-    from gemma4vl.bridge import read_hf_config
+    from gemma4vl.bridge import precheck_hf_checkpoint, read_hf_config
     from gemma4vl.config.validate import validate
 
     setup_runtime(cfg.trainer.device)
@@ -155,6 +155,7 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
     _barrier()
     hf_dir = resolve_hf_path(cfg.model.hf_path)
     validate(cfg, world_size, read_hf_config(hf_dir))
+    precheck_hf_checkpoint(hf_dir, megatron_bridge_names=cfg.peft.method != "none")  # no weight read yet
     resumed_from = latest_checkpoint_step(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
     if _rank() == 0:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
