@@ -8,17 +8,17 @@ same command to resume).
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
 from gemma4vl.config import register_configs
 from gemma4vl.config.compose import to_run_config
+from gemma4vl.config.hydra_guard import hydra_main
 from gemma4vl.training.finetune import finetune, main_exit_code
 
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra_main(config_path="../conf", config_name="config")  # hydra.main behind the config allowlist
 def main(cfg: DictConfig) -> None:
     code = main_exit_code(finetune(to_run_config(cfg)))
     if code:
