@@ -192,9 +192,13 @@ def check_tensors(tensors: dict[str, TensorInfo], expected: dict[str, tuple[int,
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No inf / nan in ``tensor``. ``aminmax`` propagates nan and shows inf, and on CPU is about 10x faster than
-    ``isfinite(...).all()`` (which materialises a boolean tensor)."""
+    """No inf / nan in ``tensor``. First its sum: nan and inf propagate through a sum, so a finite sum proves every
+    element finite, and a sum is the cheapest full read (on CPU, bf16: about 4x faster than ``aminmax``, 20x faster
+    than ``isfinite(...).all()``, which materialises a boolean tensor). A non-finite sum is either a non-finite
+    element or an overflow of large finite ones: ``aminmax`` (which propagates nan and shows inf) decides."""
     if tensor.numel() == 0:
+        return True
+    if bool(torch.isfinite(tensor.sum())):
         return True
     lo, hi = torch.aminmax(tensor)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
