@@ -9,11 +9,12 @@ same command to resume).
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
+from gemma4vl.bridge.checkpoint import CheckpointError
 from gemma4vl.config import register_configs
 from gemma4vl.config.compose import to_run_config
+from gemma4vl.config.hydra_guard import hydra_main
 from gemma4vl.config.validate import ConfigError
 from gemma4vl.training.finetune import finetune, main_exit_code
 from recipes.inputs import prepare_demo_inputs
@@ -21,13 +22,13 @@ from recipes.inputs import prepare_demo_inputs
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra_main(config_path="../conf", config_name="config")  # hydra.main behind the config allowlist
 def main(cfg: DictConfig) -> None:
     run = to_run_config(cfg)
     prepare_demo_inputs(run)  # the demo's generated checkpoint / data, only where the config points at them
     try:
         code = main_exit_code(finetune(run))
-    except ConfigError as e:  # bad input found before training: the message says what and where, no traceback
+    except (ConfigError, CheckpointError) as e:  # bad input or checkpoint: the message says what and where
         sys.exit(f"error: {e}")
     if code:
         sys.exit(code)  # SystemExit passes through Hydra's error reporting

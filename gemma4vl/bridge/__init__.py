@@ -10,7 +10,7 @@ import_megatron_bridge()
 
 from gemma4vl.bridge.checkpoint import CheckpointError  # noqa: E402
 from gemma4vl.bridge.fusion import FusionError  # noqa: E402
-from gemma4vl.bridge.gemma4vl_bridge import Gemma4VLBridge  # noqa: E402
+from gemma4vl.bridge.gemma4vl_bridge import Gemma4VLBridge, precheck_hf_checkpoint  # noqa: E402
 from gemma4vl.bridge.hf_config import HFConfigError, read_hf_config  # noqa: E402
 from gemma4vl.bridge.provider import Gemma4VLModelProvider, provider_from_hf_config  # noqa: E402
 
@@ -20,6 +20,7 @@ __all__ = [
     "Gemma4VLBridge",
     "Gemma4VLModelProvider",
     "HFConfigError",
+    "precheck_hf_checkpoint",
     "provider_from_hf_config",
     "read_hf_config",
 ]

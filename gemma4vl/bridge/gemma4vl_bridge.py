@@ -6,8 +6,9 @@ Transformer Engine). Megatron-Bridge's machinery does the tensor/pipeline/expert
 class adds, on top of the declarative table in :mod:`gemma4vl.bridge.layout`:
 
 - strictness: before any weight is read, the checkpoint's safetensors headers are checked against the config
-  (missing / extra tensors, shapes, truncated or corrupt shards), and every Megatron parameter must have a
-  checkpoint tensor and vice versa;
+  (missing / extra tensors, shapes, truncated or corrupt shards, dangling symlinks: :func:`precheck_hf_checkpoint`),
+  every Megatron parameter must have a checkpoint tensor and vice versa, every local Megatron parameter must
+  have been written when the import ends, and every written parameter must be finite (naming the HF tensor);
 - the MoE fusions (:mod:`gemma4vl.bridge.fusion`) on import, and their inverses on export using the model's
   current norm weights; K=V synthesis (:class:`~gemma4vl.bridge.mappings.KEqualsVQKVMapping`);
 - streaming import: each tensor is read when its task runs, and a grouped expert tensor is dropped as soon as
@@ -29,7 +30,13 @@ from megatron.core.utils import unwrap_model
 from transformers import Gemma4ForConditionalGeneration
 
 from gemma4vl.bridge import fusion, host_pages
-from gemma4vl.bridge.checkpoint import CheckpointError, check_tensors, scan_checkpoint
+from gemma4vl.bridge.checkpoint import (
+    CheckpointError,
+    all_finite,
+    check_tensors,
+    megatron_bridge_name_error,
+    scan_checkpoint,
+)
 from gemma4vl.bridge.hf_config import Gemma4HFConfig, check_against_transformers, read_hf_config
 from gemma4vl.bridge.layout import (
     HF_LAYER,
@@ -61,6 +68,24 @@ def split_expert_slice(name: str) -> tuple[str, int | None]:
     base, sep, index = name.rpartition(EXPERT_SLICE)
     return (base, int(index)) if sep and index.isdigit() else (name, None)
 _EXPORT_DEPENDENCIES = (PRE_FFN_NORM_2, ROUTER_SCALE, PRE_FFN_NORM)
+
+
+def precheck_hf_checkpoint(hf_dir, *, megatron_bridge_names: bool = False) -> Gemma4HFConfig:
+    """Everything about the checkpoint in ``hf_dir`` that can be checked without reading a weight or building
+    the model: config.json read strictly, the weight files found (:func:`~gemma4vl.bridge.checkpoint.weight_files`,
+    symlinks resolved), every shard header complete, and the tensor names and shapes exactly those the config
+    implies. ``megatron_bridge_names``: also require the file names that Megatron-Bridge's own import recognises
+    (PEFT loads the base weights through it). Raises :class:`CheckpointError` (or ``HFConfigError``) naming the
+    file / tensor; returns the config."""
+    cfg = read_hf_config(hf_dir)
+    check_against_transformers(cfg)
+    expected, optional = expected_hf_shapes(cfg)
+    check_tensors(scan_checkpoint(cfg.path.parent), expected, optional, where=str(cfg.path.parent))
+    if megatron_bridge_names:
+        problem = megatron_bridge_name_error(cfg.path.parent)
+        if problem is not None:
+            raise CheckpointError(problem)
+    return cfg
 
 
 @dataclass
@@ -102,9 +127,7 @@ class Gemma4VLBridge(MegatronModelBridge):
     # ---------------------------------------------------------------- strictness
     def validate_checkpoint(self) -> None:
         """Check the checkpoint's safetensors headers against its config (no tensor data is read)."""
-        cfg = self.gemma4_config()
-        expected, optional = expected_hf_shapes(cfg)
-        check_tensors(scan_checkpoint(cfg.path.parent), expected, optional, where=str(cfg.path.parent))
+        precheck_hf_checkpoint(self.gemma4_config().path.parent)
 
     def build_conversion_tasks(self, hf_pretrained, megatron_model, weight_dtype=None):
         self.hf_pretrained = hf_pretrained
@@ -122,7 +145,7 @@ class Gemma4VLBridge(MegatronModelBridge):
             raise ValueError(f"Megatron parameters without a checkpoint mapping: {unmapped[:8]}")
         if not hasattr(hf_pretrained, "state"):
             return
-        keys = set(hf_pretrained.state.source.get_all_keys())
+        keys = set(scan_checkpoint(self.gemma4_config().path.parent))  # our reader, not Megatron-Bridge's
         used: set[str] = set()
         for task in tasks:
             if task is None:
@@ -156,8 +179,10 @@ class Gemma4VLBridge(MegatronModelBridge):
                 uses[str(t.mapping.hf_param)] = uses.get(str(t.mapping.hf_param), 0) + 1
         grouped: Dict[str, torch.Tensor] = {}
         copier = _ParallelCopier(state)
+        written: set[int] = set()  # id() of every Megatron parameter a task wrote
         for task in local:
             key = str(task.mapping.hf_param)
+            where = _source_name(task, grouped=key in uses)
             if key in uses:
                 if key not in grouped:
                     grouped[key], unfused = self._read(task.mapping.hf_param, state)
@@ -175,7 +200,8 @@ class Gemma4VLBridge(MegatronModelBridge):
             done = [] if key in grouped else sources
             plan = self._copy_plan(task, hf_weights)
             if plan is not None:
-                copier.copy(plan, release=done, factor=factor)
+                copier.copy(plan, release=done, factor=factor, where=where)
+                written.add(id(task.param_weight))
             else:
                 converted = task.mapping.hf_to_megatron(hf_weights, task.megatron_module)
                 if converted is not None:
@@ -183,13 +209,27 @@ class Gemma4VLBridge(MegatronModelBridge):
                         raise CheckpointError(
                             f"{task.mapping.hf_param} converts to shape {list(converted.shape)} but Megatron "
                             f"parameter {task.global_param_name} has shape {list(task.param_weight.shape)}")
-                    copier.copy([(task.param_weight, converted)], release=[converted, *done], factor=factor)
+                    copier.copy([(task.param_weight, converted)], release=[converted, *done], factor=factor,
+                                where=where)
+                    written.add(id(task.param_weight))
                 del converted
             del hf_weights, sources, done, plan
         copier.wait()
         state.close()
         self._broadcast_shared_embeddings(models)
+        self._check_all_written(unwrapped, written)
         return models
+
+    def _check_all_written(self, chunks, written: set[int]) -> None:
+        """Every local Megatron parameter was written by a task (the output layer of a tied-embedding model is
+        the embedding, or a copy of it that ``_broadcast_shared_embeddings`` made): else the model would train
+        from its initialisation, or from uninitialised memory."""
+        tied = self._share_embeddings_and_output_weights(chunks[0].config)
+        unwritten = [name for chunk in chunks for name, param in chunk.named_parameters()
+                     if id(param) not in written and not (tied and name.endswith("output_layer.weight"))]
+        if unwritten:
+            raise CheckpointError(f"{self.gemma4_config().path.parent}: the import wrote no value into "
+                                  f"{len(unwritten)} Megatron parameter(s): {unwritten}")
 
     @staticmethod
     def _copy_plan(task, hf_weights):
@@ -349,6 +389,17 @@ class Gemma4VLBridge(MegatronModelBridge):
         return {"q_proj": q, "k_proj": k, "v_proj": ABSENT_PROJECTION if spec.k_eq_v else v}
 
 
+def _source_name(task, grouped: bool) -> str:
+    """The HF tensor(s) a task reads, as named in errors (with the expert index for a grouped expert tensor)."""
+    hf = task.mapping.hf_param
+    names = ", ".join(hf.values()) if isinstance(hf, dict) else str(hf)
+    if grouped:
+        from megatron.bridge.utils.common_utils import extract_expert_number_from_param
+
+        names += f" [expert {extract_expert_number_from_param(task.mapping.megatron_param)}]"
+    return f"{names} -> Megatron parameter {task.global_param_name}"
+
+
 class _ParallelCopier:
     """Parameter copies on a small thread pool, so that the mappings' conversions and collectives (in order, on
     the calling thread) overlap the copies, which are most of an import's time (the kernel faulting in fresh
@@ -365,7 +416,7 @@ class _ParallelCopier:
         self.pending: list = []
         self.max_pending = max_pending
 
-    def _copy(self, plan: list, release: list, factor: torch.Tensor | None) -> None:
+    def _copy(self, plan: list, release: list, factor: torch.Tensor | None, where: str) -> None:
         with torch.no_grad():
             for param, source in plan:
                 host_pages.populate(param, self.helper)
@@ -373,22 +424,31 @@ class _ParallelCopier:
                     param.copy_(source)
                 else:
                     fusion.fuse_into(param, source, factor)
+                # The destination, while its pages are still warm: catches non-finite values in the checkpoint
+                # and any that a fusion or a dtype narrowing (fp32 -> bf16 overflow) produced.
+                if param.is_floating_point() and not all_finite(param):
+                    raise CheckpointError(f"non-finite values (nan / inf) in {where}")
         for tensor in release:
             self.reader.release(tensor)
 
-    def copy(self, plan: list, release: list, factor: torch.Tensor | None = None) -> None:
+    def copy(self, plan: list, release: list, factor: torch.Tensor | None = None, where: str = "") -> None:
         """``dest <- source`` for each ``(dest, source)`` of ``plan`` (``fuse(source, factor)`` when a fusion
-        factor is given) on a pool thread; then the pages of the tensors in ``release`` leave this process."""
-        self.pending.append(self.pool.submit(self._copy, plan, release, factor))
+        factor is given) on a pool thread, then checked finite (an error names ``where``); then the pages of the
+        tensors in ``release`` leave this process."""
+        self.pending.append(self.pool.submit(self._copy, plan, release, factor, where))
         while len(self.pending) > self.max_pending:
             self.pending.pop(0).result()
 
     def wait(self) -> None:
-        for future in self.pending:
-            future.result()
-        self.pending.clear()
-        self.pool.shutdown()
-        self.helper.shutdown()
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            for future in self.pending:
+                future.cancel()
+            self.pending.clear()
+            self.pool.shutdown()
+            self.helper.shutdown()
 
 
 @dataclass

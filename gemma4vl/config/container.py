@@ -107,13 +107,19 @@ def _peft(cfg: RunConfig):
 def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> ConfigContainer:
     """Megatron-Bridge's config for ``cfg``.
 
-    The HF checkpoint is Megatron-Bridge's ``pretrained_checkpoint``: setup imports it through our bridge (for
-    LoRA, before the adapters are added). ``resume``: the newest checkpoint in ``cfg.checkpoint.dir`` is loaded
-    instead (for LoRA: the base from the HF checkpoint, then the adapters and optimizer from the run's)."""
+    Full finetuning imports the HF checkpoint through our bridge in a pre-wrap hook on the provider (the model's
+    parameters are written before DDP and the optimizer see them) and gives Megatron-Bridge no
+    ``pretrained_checkpoint``: its own import path recognises a checkpoint only by file name and silently skips
+    one it does not recognise. LoRA keeps Megatron-Bridge's path (``pretrained_checkpoint``: the base is loaded,
+    through our bridge, before the adapters are added; the file names were checked by
+    :func:`~gemma4vl.bridge.precheck_hf_checkpoint`). ``resume``: the newest checkpoint in ``cfg.checkpoint.dir``
+    is loaded instead, and full finetuning imports nothing (for LoRA: the base from the HF checkpoint, then the
+    adapters and optimizer from the run's)."""
     run_dir = Path(cfg.run_dir)
     t, o = cfg.trainer, cfg.optim
     hf_dir = str(auto_bridge.hf_pretrained.model_name_or_path)
-    provider = auto_bridge.to_megatron_provider(load_weights=False)
+    lora = cfg.peft.method != "none"
+    provider = auto_bridge.to_megatron_provider(load_weights=not lora and not resume)
     configure_provider(provider, cfg)
     bf16 = t.precision == "bf16"
     # Throughput (samples/s, tokens/s) goes to TensorBoard / wandb too, averaged over the last log interval
@@ -179,7 +185,7 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
         checkpoint=CheckpointConfig(
             save=ckpt_dir,
             load=ckpt_dir if resume else None,
-            pretrained_checkpoint=hf_dir,
+            pretrained_checkpoint=hf_dir if lora else None,
             save_interval=cfg.checkpoint.save_interval,
             most_recent_k=cfg.checkpoint.keep_last if cfg.checkpoint.keep_last is not None else -1,
             ckpt_format="torch_dist",

@@ -127,7 +127,7 @@ def _export_dtype(cfg: RunConfig) -> torch.dtype | None:
 
 def finetune(cfg: RunConfig) -> FinetuneResult:
     """Run ``cfg`` end to end (see module docstring)."""
-    from gemma4vl.bridge import read_hf_config
+    from gemma4vl.bridge import precheck_hf_checkpoint, read_hf_config
     from gemma4vl.config.validate import validate
 
     setup_runtime(cfg.trainer.device)
@@ -139,6 +139,7 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
     _barrier()
     hf_dir = resolve_hf_path(cfg.model.hf_path)
     validate(cfg, world_size, read_hf_config(hf_dir))
+    precheck_hf_checkpoint(hf_dir, megatron_bridge_names=cfg.peft.method != "none")  # no weight read yet
     check_outputs_apart_from_inputs(cfg, hf_dir)
     check_data(cfg.data)
     resumed_from = check_resume(cfg)
