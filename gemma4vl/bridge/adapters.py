@@ -74,6 +74,33 @@ def unsupported_adapter_targets(global_base_prefixes) -> list[str]:
     return sorted({t for t in map(adapter_target, global_base_prefixes) if t not in PEFT_ADAPTER_TARGETS})
 
 
+# The adaptable Linear modules of a decoder layer (one routed expert stands for all) and outside the layers.
+_LAYER_LINEARS = (*PEFT_ADAPTER_TARGETS, "mlp.router", "mlp.experts.local_experts.0.linear_fc1",
+                  "mlp.experts.local_experts.0.linear_fc2")
+_OTHER_LINEARS = ("embed_vision.embedding_projection",)
+
+
+def peft_format_problems(target_modules) -> list[str]:
+    """Why LoRA with ``target_modules`` (Megatron-Bridge's matching: the module's own name, or a ``*`` pattern on
+    its full name) cannot be exported as a PEFT adapter; empty when it can."""
+    from megatron.bridge.peft.utils import wildcard_match
+
+    candidates = [MG_LAYER.format(0) + name for name in _LAYER_LINEARS] + list(_OTHER_LINEARS)
+    problems = []
+    for pattern in target_modules:
+        hits = [c for c in candidates if c.rsplit(".", 1)[-1] == pattern or wildcard_match(pattern, c)]
+        outside = sorted({adapter_target(c) for c in hits} - set(PEFT_ADAPTER_TARGETS))
+        if outside:
+            problems.append(f"peft.target_modules entry {pattern!r} adapts {outside}, which a PEFT adapter of Linear "
+                            "modules cannot address (transformers stores Gemma 4's routed experts as one grouped "
+                            f"3-D parameter per layer); adapter targets: {list(PEFT_ADAPTER_TARGETS)} (e.g. "
+                            "'*.shared_experts.linear_fc1'), or export.format=merged")
+        elif not hits:
+            problems.append(f"peft.target_modules entry {pattern!r} matches none of the decoder layers' "
+                            f"{list(PEFT_ADAPTER_TARGETS)}")
+    return problems
+
+
 @dataclass
 class AdapterMergeState:
     """Export-side state of adapters merged into fused tensors (see the module docstring)."""
