@@ -126,25 +126,27 @@ def export_hf_adapter(auto_bridge, model, out_dir: str | Path, lora, *, overwrit
 
 
 def base_differences(auto_bridge, model) -> tuple[int, list[str]]:
-    """(tensors compared, names that differ): the model's base weights (adapters not merged, fusions inverted)
+    """(HF tensors compared, names that differ): the model's base weights (adapters not merged, fusions inverted)
     against the source checkpoint, bit for bit. An adapter reproduces the model only on an unchanged base.
     Streams the whole model once (collective: call on every rank); for small models, tests and demos."""
     from gemma4vl.bridge.gemma4vl_bridge import split_expert_slice
     from gemma4vl.bridge.reader import MmapCheckpoint
 
     source = MmapCheckpoint(Path(auto_bridge.hf_pretrained.model_name_or_path))
-    compared, differing = 0, []
+    compared: set[str] = set()
+    differing: list[str] = []
     try:
         for name, tensor in auto_bridge.export_hf_weights(model, cpu=True, show_progress=False,
                                                           merge_adapter_weights=False):
-            base, index = split_expert_slice(name)
+            # Unmerged, Megatron-Bridge names an adapted module's weight as PEFT does: <module>.base_layer.weight.
+            base, index = split_expert_slice(name.replace(".base_layer.weight", ".weight"))
             reference = source[base] if index is None else source[base][index]
-            compared += 1
+            compared.add(base)
             if tensor.shape != reference.shape or not torch.equal(tensor.to(reference.dtype), reference):
                 differing.append(name)
     finally:
         source.close()
-    return compared, differing
+    return len(compared), differing
 
 
 def verify_adapter(adapter_dir: str | Path, source_dir: str | Path) -> int:
