@@ -173,3 +173,30 @@ def test_adapter_export_config_is_checked_before_training():
     assert "mlp.experts.local_experts.*.linear_fc1" in routed and "export.format=merged" in routed
     (nothing,) = peft_format_problems(["q_proj"])
     assert "'q_proj' matches none" in nothing
+
+
+# (targets, adapted modules per layer, adapter parameters at rank 4 on the tiny fixture; its base has 399,952)
+@pytest.mark.parametrize("targets, adapted, total", [
+    (["linear_qkv", "linear_proj"], 2, 10_240),
+    (PEFT_TARGETS, 4, 18_432),
+    (["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], 6, 32_768),  # conf/peft/lora_experts.yaml
+])
+def test_lora_parameter_counts_are_the_models(megatron_cpu, released, targets, adapted, total):
+    """lora_parameter_counts (docs/lora.md's memory table uses it for the 26B model) counts the adapter
+    parameters Megatron-Bridge's LoRA creates, target by target; the base stays frozen."""
+    from gemma4vl.bridge import read_hf_config
+    from gemma4vl.bridge.adapters import adapter_target, lora_parameter_counts
+    from gemma4vl.config.container import _peft
+
+    _, model = load_megatron(released.path)
+    lora = _peft(SimpleNamespace(peft=PeftConfig(method="lora", rank=RANK, alpha=ALPHA, target_modules=targets)))
+    model = lora(model, training=True)  # as in training: the base frozen, the adapters trainable
+    got: dict[str, int] = {}
+    for name, p in model[0].named_parameters():
+        assert p.requires_grad == (".adapter." in name), name
+        if p.requires_grad:
+            target = adapter_target(name.partition(".adapter.")[0])
+            got[target] = got.get(target, 0) + p.numel()
+    expected = {t: n for t, n in lora_parameter_counts(read_hf_config(released.path), RANK).items() if t in got}
+    assert len(got) == adapted and got == expected and sum(got.values()) == total
+    assert sum(p.numel() for p in model[0].parameters()) == 399_952 + total

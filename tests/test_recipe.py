@@ -153,7 +153,7 @@ def test_finetune_end_to_end(inputs, tmp_path):
     index = json.loads((run_dir / "hf_export" / "model.safetensors.index.json").read_text())
     assert len(index["weight_map"]) == 119
     assert_export_matches_checkpoint(run_dir, inputs[0])
-    assert "trainable parameters: " in out and "(LoRA adapters)" not in out
+    assert "trainable parameters: 399,952 of 399,952 (100.000%)\n" in out, out[-3000:]  # full SFT: every weight
     # recipes.export of the saved step-8 checkpoint, after the fact: the run's own export, bit for bit.
     status, out = export_cmd(run_dir, "checkpoint=iter_0000008", "verify=false")
     assert status == 0, out[-3000:]
@@ -255,19 +255,6 @@ def assert_same_tensors(a_dir, b_dir, atol=0.0):
     return a
 
 
-def lora_trainable_parameters(hf, rank=16):
-    """Adapter parameters of LoRA with ``rank`` on linear_qkv, linear_proj and the shared expert's fc1 / fc2, from
-    the architecture (``read_hf_config``): rank x (in + out) per Megatron module (q/k/v and gate/up are one each)."""
-    h, heads, inter = hf.hidden_size, hf.num_attention_heads, hf.intermediate_size
-    total = 0
-    for layer_type in hf.arch.layer_types:
-        spec = hf.arch.attention(layer_type)
-        total += rank * (h + (heads + 2 * spec.num_kv_heads) * spec.head_dim)  # linear_qkv (K=V: v rows kept)
-        total += rank * (heads * spec.head_dim + h)                           # linear_proj
-        total += rank * (h + 2 * inter) + rank * (inter + h)  # shared expert fc1 (gate+up), fc2
-    return total
-
-
 @pytest.fixture(scope="module")
 def lora_run(inputs, tmp_path_factory):
     """4 LoRA steps, checkpoints at 2 and 4, the merged export and the PEFT adapter, both verified by the run
@@ -298,9 +285,14 @@ def test_lora_finetune_trains_adapters_only_and_exports_merged_and_peft(inputs, 
     got = losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]
     from gemma4vl.bridge import read_hf_config
+    from gemma4vl.bridge.adapters import PEFT_ADAPTER_TARGETS, lora_parameter_counts
 
-    trainable = lora_trainable_parameters(read_hf_config(ckpt))
-    assert f"trainable parameters: {trainable:,} of " in out, out[-3000:]
+    # rank 16 x (in + out) per adapted Megatron module (lora_parameter_counts is checked against the model in
+    # test_lora): 4 layers of the tiny fixture, attention and the shared expert.
+    counts = lora_parameter_counts(read_hf_config(ckpt), rank=16)
+    trainable = sum(counts[t] for t in PEFT_ADAPTER_TARGETS)
+    assert trainable == 73_728  # 4 x 18,432 at rank 16 (test_lora)
+    assert "trainable parameters: 73,728 of 473,680 (15.565%) (LoRA adapters)" in out, out[-3000:]
     # The checkpoint: adapter weights and their Adam moments, nothing else.
     metadata = dcp.FileSystemReader(str(run_dir / "checkpoints" / "iter_0000004")).read_metadata()
     entries = {k: v for k, v in metadata.state_dict_metadata.items() if not k.startswith(("common_state/",

@@ -101,6 +101,27 @@ def peft_format_problems(target_modules) -> list[str]:
     return problems
 
 
+def lora_parameter_counts(hf, rank: int) -> Dict[str, int]:
+    """LoRA parameters per adaptable target of the decoder layers, summed over the layers, from the architecture
+    (``hf``: :class:`~gemma4vl.bridge.hf_config.Gemma4HFConfig`): ``rank x (in + out)`` per Megatron module. q/k/v
+    are one ``linear_qkv`` (K=V layers keep their unused value rows, see docs/bridge.md), gate/up one
+    ``linear_fc1``; routed experts (``mlp.experts.local_experts.*``) have one adapter per expert."""
+    h, heads = hf.hidden_size, hf.num_attention_heads
+    counts = dict.fromkeys((*PEFT_ADAPTER_TARGETS, "mlp.experts.local_experts.*.linear_fc1",
+                            "mlp.experts.local_experts.*.linear_fc2"), 0)
+    for layer_type in hf.arch.layer_types:
+        spec = hf.arch.attention(layer_type)
+        counts["self_attention.linear_qkv"] += rank * (h + (heads + 2 * spec.num_kv_heads) * spec.head_dim)
+        counts["self_attention.linear_proj"] += rank * (heads * spec.head_dim + h)
+        counts["mlp.shared_experts.linear_fc1"] += rank * (h + 2 * hf.intermediate_size)
+        counts["mlp.shared_experts.linear_fc2"] += rank * (hf.intermediate_size + h)
+        if hf.num_experts:
+            experts, inter = hf.num_experts, hf.moe_intermediate_size
+            counts["mlp.experts.local_experts.*.linear_fc1"] += experts * rank * (h + 2 * inter)
+            counts["mlp.experts.local_experts.*.linear_fc2"] += experts * rank * (inter + h)
+    return counts
+
+
 @dataclass
 class AdapterMergeState:
     """Export-side state of adapters merged into fused tensors (see the module docstring)."""
