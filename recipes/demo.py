@@ -87,10 +87,10 @@ def accuracy(answers: list[str], questions: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
     cfg = compose(overrides)
-    from gemma4vl.training.finetune import prepare_inputs
+    from recipes.inputs import prepare_demo_inputs
 
     start = time.time()
-    prepare_inputs(cfg)
+    prepare_demo_inputs(cfg)
     model_dir, data_dir = Path(cfg.model.hf_path), Path(cfg.data.path)
     questions = held_out_questions(data_dir, NUM_QUESTIONS)
     print(f"[demo] tiny checkpoint: {model_dir}\n[demo] demo dataset: {data_dir}", flush=True)

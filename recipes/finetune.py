@@ -14,13 +14,16 @@ from omegaconf import DictConfig
 from gemma4vl.config import register_configs
 from gemma4vl.config.compose import to_run_config
 from gemma4vl.training.finetune import finetune, main_exit_code
+from recipes.inputs import prepare_demo_inputs
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    code = main_exit_code(finetune(to_run_config(cfg)))
+    run = to_run_config(cfg)
+    prepare_demo_inputs(run)  # the demo's generated checkpoint / data, only where the config points at them
+    code = main_exit_code(finetune(run))
     if code:
         sys.exit(code)  # SystemExit passes through Hydra's error reporting
 

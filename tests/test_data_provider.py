@@ -56,7 +56,7 @@ def test_yaml_keys_are_exactly_the_fields(name, provider_cls, processor_dir, tmp
 
     conf = OmegaConf.load(CONF / f"{name}.yaml")
     # The recipe's data schema: the provider's fields plus the demo switch.
-    assert set(conf.keys()) == {f.name for f in dataclasses.fields(provider_cls)} | {"generate_demo"}
+    assert set(conf.keys()) == {f.name for f in dataclasses.fields(provider_cls)} | {"demo_dir"}
     assert set(conf.keys()) == {f.name for f in dataclasses.fields(DataConfig)}
     conf.processor_path = str(processor_dir)
     conf.path = str(tmp_path)
@@ -66,17 +66,17 @@ def test_yaml_keys_are_exactly_the_fields(name, provider_cls, processor_dir, tmp
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("format", "alpaca", "dataset.format must be one of"),
-    ("thought_prefix", "sometimes", "dataset.thought_prefix must be one of"),
-    ("max_soft_tokens", 100, r"dataset.max_soft_tokens must be one of \(70, 140, 280, 560, 1120\)"),
-    ("seq_length", 0, "dataset.seq_length must be >= 1"),
-    ("bad_rows", "ignore", "dataset.bad_rows must be one of"),
+    ("format", "alpaca", "data.format must be one of"),
+    ("thought_prefix", "sometimes", "data.thought_prefix must be one of"),
+    ("max_soft_tokens", 100, r"data.max_soft_tokens must be one of \(70, 140, 280, 560, 1120\)"),
+    ("seq_length", 0, "data.seq_length must be >= 1"),
+    ("bad_rows", "ignore", "data.bad_rows must be one of"),
     ("role_map", {"human": "person"}, "role_map values must be one of"),
 ])
 def test_invalid_values_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         Gemma4VLDataConfig(**{field: value})
-    with pytest.raises(ValueError, match="dataset.processor_path is required"):
+    with pytest.raises(ValueError, match="data.processor_path is required"):
         Gemma4VLDataConfig(path="x").build_split("train")
 
 

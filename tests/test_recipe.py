@@ -33,8 +33,8 @@ def inputs(tmp_path_factory):
 
 def overrides(inputs, run_dir, steps, *extra):
     ckpt, data = inputs
-    return [f"hydra.run.dir={run_dir}", f"model.hf_path={ckpt}", "model.generate_fixture=null",
-            f"data.path={data}", "data.generate_demo=false", "data.seq_length=512", "data.num_workers=0",
+    return [f"hydra.run.dir={run_dir}", f"model.hf_path={ckpt}",
+            f"data.path={data}", "data.seq_length=512", "data.num_workers=0",
             "data.persistent_workers=false", f"trainer.train_iters={steps}", "trainer.global_batch_size=2",
             "trainer.log_interval=1", "trainer.eval_interval=null", "checkpoint.save_interval=2",
             "checkpoint.keep_last=null", "optim.warmup_iters=2", *extra]
@@ -435,8 +435,8 @@ def test_hydra_multirun_sweep(inputs, tmp_path):
     """`-m` runs one job per value, each in its own run directory."""
     ckpt, data = inputs
     sweep = tmp_path / "sweep"
-    args = ["-m", f"hydra.sweep.dir={sweep}", f"model.hf_path={ckpt}", "model.generate_fixture=null",
-            f"data.path={data}", "data.generate_demo=false", "data.seq_length=512", "data.num_workers=0",
+    args = ["-m", f"hydra.sweep.dir={sweep}", f"model.hf_path={ckpt}",
+            f"data.path={data}", "data.seq_length=512", "data.num_workers=0",
             "data.persistent_workers=false", "trainer.global_batch_size=2", "trainer.eval_interval=null",
             "checkpoint.save_interval=null", "export.enabled=false", "trainer.train_iters=1,2"]
     proc = subprocess.run([sys.executable, "-m", "recipes.finetune", *args], cwd=ROOT, capture_output=True,

@@ -34,7 +34,7 @@ from megatron.bridge.training.config import (  # noqa: E402
 
 from gemma4vl.data.provider import Gemma4VLDatasetConfig  # noqa: E402
 
-_NOT_FOR_PROVIDER = {"generate_demo"}
+_NOT_FOR_PROVIDER = {"demo_dir"}
 
 
 def dataset_config(data: DataConfig) -> Gemma4VLDatasetConfig:
@@ -120,7 +120,10 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
     # (Megatron-Bridge needs a window of at least 2 steps to measure one).
     logger = LoggerConfig(log_interval=t.log_interval, log_throughput=True, log_progress=False,
                           timing_log_level=0, log_throughput_to_tensorboard=True,
-                          throughput_window_size=max(2, t.log_interval))
+                          throughput_window_size=max(2, t.log_interval),
+                          # Megatron's default filter drops WARNINGs of *every* logger, ours included (bad rows
+                          # skipped, interrupted exports restored): keep them.
+                          filter_warnings=False)
     if cfg.logger.backend == "tensorboard":
         logger.tensorboard_dir = str(run_dir / "tensorboard")
     elif cfg.logger.backend == "wandb":
@@ -160,6 +163,10 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
             start_weight_decay=o.weight_decay,
             end_weight_decay=o.weight_decay,
             weight_decay_incr_style="constant",
+            # On resume the schedule comes from the checkpoint. preflight.check_resume has already refused a resume
+            # whose lr / warmup / decay / weight decay / global batch differ, so this only lets train_iters grow
+            # (with optim.decay_iters fixed) past Megatron's check of the unused weight-decay ramp length.
+            use_checkpoint_opt_param_scheduler=True,
         ),
         ddp=DistributedDataParallelConfig(
             use_distributed_optimizer=o.use_distributed_optimizer,

@@ -26,8 +26,14 @@ class ModelConfig:
     """Hugging Face checkpoint directory (config.json, safetensors, processor files) imported at startup."""
 
     generate_fixture: str | None = None
-    """If set and ``hf_path`` has no config.json: write a random test checkpoint of this variant there first
-    (``tiny-moe`` or ``real-width``, see :mod:`gemma4vl.testing.fixtures`). Only for demos and benchmarks."""
+    """A random test checkpoint variant (``tiny-moe`` or ``real-width``, see :mod:`gemma4vl.testing.fixtures`)
+    that the recipe writes into ``fixture_dir`` when ``hf_path`` is ``fixture_dir`` and that directory does not
+    exist yet. Only for demos and benchmarks; never written into any other directory."""
+
+    fixture_dir: str | None = None
+    """Where the recipe generates the ``generate_fixture`` checkpoint (a fresh directory, written whole or not at
+    all). The fixture groups set ``hf_path: ${model.fixture_dir}``; pointing ``hf_path`` elsewhere uses that
+    checkpoint as it is (an error when it is missing or incomplete)."""
 
     fixture_num_layers: int | None = None
     """Decoder layers of a generated fixture (None: the variant's default)."""
@@ -246,10 +252,12 @@ class ExportConfig:
 class DataConfig(Gemma4VLDataConfig):
     """The data group: the fields of :class:`gemma4vl.data.config.Gemma4VLDataConfig` (documented there), the
     demo switch, and Megatron-Bridge's dataloader fields (``megatron.bridge.data.base.DataloaderConfig``). All but
-    ``generate_demo`` become :class:`gemma4vl.data.provider.Gemma4VLDatasetConfig`."""
+    ``demo_dir`` become :class:`gemma4vl.data.provider.Gemma4VLDatasetConfig`."""
 
-    generate_demo: bool = False
-    """Write the synthetic demo VQA set (:mod:`gemma4vl.data.demo`) at ``path`` first when it holds no data."""
+    demo_dir: str | None = None
+    """Where the recipe writes the synthetic demo VQA set (:mod:`gemma4vl.data.demo`) when ``path`` is this
+    directory and it does not exist yet (a fresh directory, written whole or not at all). None: never. The demo
+    group sets ``path: ${data.demo_dir}``; any other ``path`` is read as it is (an error when missing)."""
 
     dataloader_type: str = "single"
     """Megatron sampler: ``single`` (in order, sharded by data-parallel rank, resumable) or ``cyclic``."""

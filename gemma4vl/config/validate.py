@@ -29,6 +29,73 @@ class ConfigError(ValueError):
     """The composed configuration is inconsistent."""
 
 
+_SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+               "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+
+
+def parse_size(text: str | int, key: str = "size") -> int:
+    """Bytes of ``text``: an integer, or a number with a unit KB / MB / GB / TB (powers of 1000) or KiB / MiB /
+    GiB / TiB (powers of 1024), case-insensitive, e.g. ``5GB``, ``500MiB``, ``1.5GB``. Raises naming ``key``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        raw = str(text).strip().replace(" ", "")
+        upper = raw.upper()
+        value = None
+        for unit, factor in _SIZE_UNITS.items():
+            if upper.endswith(unit):
+                try:
+                    value = int(float(raw[: -len(unit)]) * factor)
+                except ValueError:
+                    value = None
+                break
+        else:
+            value = int(raw) if raw.isdigit() else None
+        if value is None:
+            raise ConfigError(f"{key}={text!r}: expected bytes or a size like 5GB, 500MB, 2GiB, 512MiB")
+    if value < 1:
+        raise ConfigError(f"{key}={text!r}: must be at least 1 byte")
+    return value
+
+
+def _ranges(cfg: RunConfig) -> list[str]:
+    """Range checks of single values (each failure names the key, the value and what is allowed)."""
+    t, o, c, lg, pf = cfg.trainer, cfg.optim, cfg.checkpoint, cfg.logger, cfg.peft
+    checks = [
+        ("trainer.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, ">= 1"),
+        ("trainer.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
+        ("trainer.train_iters", t.train_iters, t.train_iters >= 1, ">= 1"),
+        ("trainer.log_interval", t.log_interval, t.log_interval >= 1, ">= 1"),
+        ("trainer.eval_interval", t.eval_interval, t.eval_interval is None or t.eval_interval >= 1,
+         ">= 1, or null for no evaluation"),
+        ("trainer.eval_iters", t.eval_iters, t.eval_iters >= 1, ">= 1"),
+        ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.min_lr", o.min_lr, 0 <= o.min_lr <= max(o.lr, 0), f"in [0, optim.lr={o.lr}]"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.adam_beta1", o.adam_beta1, 0 <= o.adam_beta1 < 1, "in [0, 1)"),
+        ("optim.adam_beta2", o.adam_beta2, 0 <= o.adam_beta2 < 1, "in [0, 1)"),
+        ("optim.adam_eps", o.adam_eps, o.adam_eps > 0, "> 0"),
+        ("optim.clip_grad", o.clip_grad, o.clip_grad >= 0, ">= 0 (0 disables clipping)"),
+        ("optim.warmup_iters", o.warmup_iters, o.warmup_iters >= 0, ">= 0"),
+        ("optim.decay_iters", o.decay_iters, o.decay_iters is None or o.decay_iters >= 1,
+         ">= 1, or null for the whole run"),
+        ("checkpoint.save_interval", c.save_interval, c.save_interval is None or c.save_interval >= 1,
+         ">= 1, or null to save only at the end and on a signal"),
+        ("checkpoint.keep_last", c.keep_last, c.keep_last is None or c.keep_last >= 1, ">= 1, or null to keep all"),
+        ("logger.val_image_samples", lg.val_image_samples, lg.val_image_samples >= 0, ">= 0"),
+    ]
+    if pf.method == "lora":
+        checks += [("peft.rank", pf.rank, pf.rank >= 1, ">= 1"), ("peft.alpha", pf.alpha, pf.alpha > 0, "> 0"),
+                   ("peft.dropout", pf.dropout, 0 <= pf.dropout < 1, "in [0, 1)")]
+    errors = [f"{key}={value} must be {allowed}" for key, value, ok, allowed in checks if not ok]
+    if cfg.export.enabled:
+        try:
+            parse_size(cfg.export.max_shard_size, "export.max_shard_size")
+        except ConfigError as e:
+            errors.append(str(e))
+    return errors
+
+
 def _get(cfg: RunConfig, dotted: str):
     value = cfg
     for part in dotted.split("."):
@@ -44,6 +111,7 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig) -> int:
         if _get(cfg, key) not in allowed:
             errors.append(f"{key}={_get(cfg, key)!r} is not one of {list(allowed)}")
 
+    errors += _ranges(cfg)
     p, t = cfg.parallel, cfg.trainer
     for key in ("tensor", "pipeline", "expert", "expert_tensor", "context"):
         if getattr(p, key) < 1:
@@ -84,8 +152,6 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig) -> int:
         errors.append(f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
                       f"trainer.micro_batch_size * DP = {t.micro_batch_size} * {dp} = {t.micro_batch_size * dp} "
                       f"(DP = world {world_size} / (TP {p.tensor} * PP {p.pipeline} * CP {p.context}))")
-    if t.train_iters < 1:
-        errors.append(f"trainer.train_iters={t.train_iters} must be >= 1")
     if t.device == "cpu" and t.precision != "fp32":
         errors.append(f"trainer.precision={t.precision!r} on trainer.device='cpu': the CPU backend trains in fp32")
     if cfg.peft.method == "lora" and t.freeze_language_model:

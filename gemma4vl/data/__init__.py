@@ -39,7 +39,7 @@ thought_prefix         "every_turn"         empty thought channel before answers
 train_on               "all_assistant_turns"  or "last_assistant_turn"
 max_soft_tokens        None (processor's)   image budget: 70 | 140 | 280 | 560 | 1120
 seq_length             4096                 tokens per training row
-overlong               "truncate_turns"     "drop" | "truncate_turns" | "truncate_tokens" (never inside an image)
+overlong               "truncate_turns"     "drop" | "truncate_turns" | "truncate_tokens" (never inside an image) | "error"
 packing                True                 pack conversations into rows
 packing_window         1000                 rows packed together (best-fit decreasing)
 pad_to_seq_length      True                 fixed [b, seq_length] batches

@@ -105,4 +105,7 @@ class Collator:
             out["pixel_values"], out["image_position_ids"] = to_pixel_values(images, self.settings)
         else:
             out["pixel_values"] = out["image_position_ids"] = None
+        # Rows skipped while loading (bad_rows=skip) and the split's row counts, for the trainer's skip accounting.
+        out["bad_rows"] = [bad for row in rows for bad in row.get("bad_rows", ())]
+        out["row_stats"] = rows[0].get("row_stats")
         return out

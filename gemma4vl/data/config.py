@@ -16,6 +16,7 @@ from typing import Any
 from gemma4vl.data.collate import Collator
 from gemma4vl.data.dataset import Gemma4VLSFTDataset, RowPipeline
 from gemma4vl.data.encoding import OVERLONG, THOUGHT_PREFIXES, TRAIN_ON, ConversationEncoder
+from gemma4vl.data.errors import LENGTH_REASONS
 from gemma4vl.data.formats import FORMATS, resolve_spec
 from gemma4vl.data.images import SUPPORTED_MAX_SOFT_TOKENS, ImageLoader, image_settings
 from gemma4vl.data.plan import PackingPlan, build_plan, plan_key
@@ -134,23 +135,23 @@ class Gemma4VLDataConfig:
                    "overlong": OVERLONG, "bad_rows": ("error", "skip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"dataset.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(f"data.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.max_soft_tokens is not None and self.max_soft_tokens not in SUPPORTED_MAX_SOFT_TOKENS:
-            raise ValueError(f"dataset.max_soft_tokens must be one of {SUPPORTED_MAX_SOFT_TOKENS} or None, "
+            raise ValueError(f"data.max_soft_tokens must be one of {SUPPORTED_MAX_SOFT_TOKENS} or None, "
                              f"got {self.max_soft_tokens}")
         for name in ("seq_length", "packing_window", "pad_to_multiple_of", "max_image_pixels", "max_image_bytes",
                      "plan_num_proc", "bad_row_log_limit"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"dataset.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
-            raise ValueError(f"dataset.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
+            raise ValueError(f"data.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
         resolve_spec(self.format, self.messages_column, self.images_column, self.system_column, self.role_map)
 
     # ------------------------------------------------------------------------------------------------ building
     def _require(self, name: str) -> str:
         value = getattr(self, name)
         if value is None:
-            raise ValueError(f"dataset.{name} is required")
+            raise ValueError(f"data.{name} is required")
         return value
 
     def pipeline(self, which: str = "train") -> tuple[RowPipeline, Any]:
@@ -161,11 +162,11 @@ class Gemma4VLDataConfig:
         settings = image_settings(processor, self.max_soft_tokens)
         if which == "train":
             source = load_source(self._require("path"), self.split, image_root=self.image_root,
-                                 cache_dir=self.cache_dir, max_rows=self.max_train_rows)
+                                 cache_dir=self.cache_dir, max_rows=self.max_train_rows, bad_rows=self.bad_rows)
         else:
             source = load_source(self.validation_path or self._require("path"), self.validation_split,
                                  image_root=self.image_root, cache_dir=self.cache_dir,
-                                 max_rows=self.max_validation_rows)
+                                 max_rows=self.max_validation_rows, bad_rows=self.bad_rows)
         spec = resolve_spec(self.format, self.messages_column, self.images_column, self.system_column, self.role_map)
         columns = [c for c in (spec.messages_column, spec.images_column, spec.system_column) if c]
         encoder = ConversationEncoder(processor, settings, enable_thinking=self.enable_thinking,
@@ -193,7 +194,7 @@ class Gemma4VLDataConfig:
         try:
             base.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"cannot create the plan cache directory {base} ({e}); set dataset.cache_dir") from e
+            raise ValueError(f"cannot create the plan cache directory {base} ({e}); set data.cache_dir") from e
         return base / f"plan-{key}.npz"
 
     def build_split(self, which: str = "train", num_samples: int = 0) -> Gemma4VLSFTDataset:
@@ -220,11 +221,25 @@ class Gemma4VLDataConfig:
             plan.save(path)
         if distributed and dist.get_rank() == 0:
             dist.barrier()
+        self._check_skipped(source, plan)
         collator = Collator(rows.encoder.settings, rows.encoder.pad_id, self.seq_length, self.pad_to_seq_length,
                             self.pad_to_multiple_of)
         return Gemma4VLSFTDataset(rows, plan, collator, num_samples=num_samples, shuffle=self.shuffle,
                                   seed=self.seed + (0 if which == "train" else 1), bad_rows=self.bad_rows,
                                   log_limit=self.bad_row_log_limit)
+
+    def _check_skipped(self, source, plan: PackingPlan) -> None:
+        """Lines that were not JSON rows count with the plan's bad rows towards ``max_skipped_fraction``."""
+        lines = source.skipped_lines
+        if not lines:
+            return
+        for line in lines[: self.bad_row_log_limit]:
+            logger.warning("skipping a line that is not a JSON row: %s", line)
+        bad = len(lines) + sum(n for reason, n in plan.skipped().items() if reason not in LENGTH_REASONS)
+        total = len(lines) + plan.num_rows
+        if bad / total > self.max_skipped_fraction:
+            raise ValueError(f"{source.name}: {bad} of {total} rows are bad ({len(lines)} lines not JSON rows, "
+                             f"first {lines[0]}): more than data.max_skipped_fraction={self.max_skipped_fraction}")
 
     def build_datasets(self, context) -> tuple[Gemma4VLSFTDataset, Gemma4VLSFTDataset | None, None]:
         """(train, validation or None, None) sized for ``context.train_samples`` / ``context.valid_samples``."""

@@ -21,7 +21,7 @@ import torch
 
 from gemma4vl.data.collate import Collator, assemble_row
 from gemma4vl.data.encoding import ConversationEncoder, Encoded
-from gemma4vl.data.errors import BadRowCounter, BadRowError
+from gemma4vl.data.errors import LENGTH_REASONS, BadRowCounter, BadRowError
 from gemma4vl.data.formats import Conversation, FormatSpec, parse_row
 from gemma4vl.data.images import ImageLoader
 from gemma4vl.data.plan import PackingPlan
@@ -107,25 +107,42 @@ class Gemma4VLSFTDataset(torch.utils.data.Dataset):
 
     def samples(self, index: int) -> list[tuple[int, Encoded]]:
         """(row, encoded sample) of item ``index``, bad rows handled by the policy."""
-        out = []
+        return self._samples(index)[0]
+
+    def _samples(self, index: int) -> tuple[list[tuple[int, Encoded]], list[tuple[int, str, str]]]:
+        out, bad = [], []
         for row in self.rows_of(index):
             try:
                 enc = self.rows.load(row, int(self.plan.truncation[row]))
             except BadRowError as e:
                 located = e.located(self.name, row)
-                if self.bad_rows == "error":
+                if self.bad_rows == "error" or e.fatal:
                     raise located from None
-                self.skipped.add(located)
+                self.skipped.add(located, log=False)
+                bad.append((row, e.reason, str(located)))
                 continue
             if len(enc) != int(self.plan.lengths[row]):
                 raise RuntimeError(f"{self.name} row {row} encodes to {len(enc)} tokens but the packing plan says "
                                    f"{int(self.plan.lengths[row])}: the data, processor or settings changed after "
                                    "the plan was cached (delete the plan file to rebuild it)")
             out.append((row, enc))
-        return out
+        return out, bad
 
     def rows_of(self, index: int) -> list[int]:
         return [int(r) for r in self.plan.rows_of(self.bin_of(index))]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return assemble_row([enc for _, enc in self.samples(index)], self.rows.encoder.image_token_id)
+        """The packed row of item ``index``, with ``bad_rows``: (row, reason, message) of the rows that failed to
+        load now although the length pass accepted them (e.g. a truncated image body), and ``row_stats``: the
+        split's (rows, rows the length pass refused), so the trainer can hold the total to
+        ``max_skipped_fraction``."""
+        samples, bad = self._samples(index)
+        item = assemble_row([enc for _, enc in samples], self.rows.encoder.image_token_id)
+        item["bad_rows"] = bad
+        item["row_stats"] = self.row_stats
+        return item
+
+    @property
+    def row_stats(self) -> tuple[int, int]:
+        """(rows of the split, rows refused by the length pass for a reason other than length)."""
+        return self.plan.num_rows, sum(n for reason, n in self.plan.skipped().items() if reason not in LENGTH_REASONS)

@@ -32,7 +32,7 @@ from gemma4vl.data.images import ImageLoader, ImageSettings, ProcessedImage, pro
 
 THOUGHT_PREFIXES = ("every_turn", "last_turn", "none")
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
-OVERLONG = ("drop", "truncate_turns", "truncate_tokens")
+OVERLONG = ("drop", "truncate_turns", "truncate_tokens", "error")
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>thought\n", "<channel|>"
 
 
@@ -251,6 +251,10 @@ class ConversationEncoder:
     def _shorten(self, messages, counts, enc, msg_tok_ends, max_length, overlong) -> Encoded:
         if overlong == "drop":
             raise BadRowError("too_long", f"{len(enc)} tokens > seq_length {max_length}")
+        if overlong == "error":
+            raise BadRowError("too_long", f"{len(enc)} tokens > data.seq_length={max_length} (data.overlong=error; "
+                                          "drop / truncate_turns / truncate_tokens shorten or skip such rows)",
+                              fatal=True)
         if overlong == "truncate_tokens":
             cut = max_length
             opened = np.flatnonzero(enc.input_ids[:cut] == self.boi_id)

@@ -39,9 +39,12 @@ LENGTH_REASONS = frozenset({"too_long"})
 class BadRowError(ValueError):
     """A row the pipeline refuses (raised under ``bad_rows="error"``; counted under ``"skip"``)."""
 
-    def __init__(self, reason: str, detail: str, *, dataset: str | None = None, row: int | None = None):
+    def __init__(self, reason: str, detail: str, *, dataset: str | None = None, row: int | None = None,
+                 fatal: bool = False):
         if reason not in REASON_CODES:
             raise ValueError(f"unknown bad-row reason {reason!r}")
+        self.fatal = fatal
+        """Raised whatever the ``bad_rows`` policy (e.g. ``overlong="error"``)."""
         self.reason = reason
         self.detail = detail
         self.dataset = dataset
@@ -49,7 +52,7 @@ class BadRowError(ValueError):
         super().__init__(self._message())
 
     def __reduce__(self):  # picklable across length-pass processes and DataLoader workers
-        return (_rebuild, (self.reason, self.detail, self.dataset, self.row))
+        return (_rebuild, (self.reason, self.detail, self.dataset, self.row, self.fatal))
 
     def _message(self) -> str:
         where = []
@@ -62,11 +65,11 @@ class BadRowError(ValueError):
 
     def located(self, dataset: str, row: int) -> "BadRowError":
         """The same error with its dataset and row filled in (raised where they are known)."""
-        return BadRowError(self.reason, self.detail, dataset=dataset, row=row)
+        return BadRowError(self.reason, self.detail, dataset=dataset, row=row, fatal=self.fatal)
 
 
-def _rebuild(reason: str, detail: str, dataset: str | None, row: int | None) -> BadRowError:
-    return BadRowError(reason, detail, dataset=dataset, row=row)
+def _rebuild(reason: str, detail: str, dataset: str | None, row: int | None, fatal: bool = False) -> BadRowError:
+    return BadRowError(reason, detail, dataset=dataset, row=row, fatal=fatal)
 
 
 @dataclasses.dataclass

@@ -143,7 +143,7 @@ def measure_rows(measure: Callable[[int], tuple[int, int]], indices: range, *, n
             lengths[k], truncation[k] = measure(i)
         except BadRowError as e:
             located = e.located(name, i)
-            if policy == "error" and e.reason not in LENGTH_REASONS:
+            if e.fatal or (policy == "error" and e.reason not in LENGTH_REASONS):
                 raise located from None
             status[k] = REASON_CODES[e.reason]
             counter.add(located, log=False)

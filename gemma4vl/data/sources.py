@@ -39,6 +39,7 @@ class Source:
     image_root: str | None
     fingerprint: str  # changes when the data changes (keys cached packing plans)
     local_dir: str | None  # where a plan cache may live by default (None for hub datasets)
+    skipped_lines: list[str] = dataclasses.field(default_factory=list)  # JSONL lines that are not JSON (skip policy)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -83,8 +84,10 @@ class RowReader:
 
 
 def _looks_local(path: str) -> bool:
+    """Not a hub name (``name`` or ``owner/name``): a data-file suffix, an absolute / explicit relative path, or
+    more than one ``/``."""
     return (Path(path).suffix.lower() in BUILDERS or path.startswith(("/", "./", "../", "~"))
-            or os.sep + "." in path)
+            or os.sep + "." in path or path.count("/") > 1)
 
 
 def _split_of(relative: str) -> str | None:
@@ -119,6 +122,67 @@ def _split_files(directory: Path) -> dict[str, list[str]]:
     return out
 
 
+def _bad_jsonl_lines(files: list[str]) -> list[str]:
+    """``file:line: error`` for every non-blank line of the ``.jsonl`` files that is not a JSON object."""
+    import json
+
+    bad = []
+    for f in files:
+        if Path(f).suffix.lower() != ".jsonl":
+            continue
+        with open(f, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as e:
+                    bad.append(f"{f}:{number}: not valid JSON ({e})")
+                    continue
+                if not isinstance(value, dict):
+                    bad.append(f"{f}:{number}: a JSON {type(value).__name__}, expected an object (one row per line)")
+    return bad
+
+
+def _good_jsonl_rows(files: list[str], stamp: str):
+    """Rows of the ``.jsonl`` files, skipping the lines :func:`_bad_jsonl_lines` reports (``stamp`` keys the
+    ``datasets`` cache to the files' sizes and times)."""
+    import json
+
+    for f in files:
+        with open(f, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    try:
+                        value = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(value, dict):
+                        yield value
+
+
+def _load_files(builder: str, files: list[str], split: str, hf_cache: str | None, bad_rows: str):
+    """``datasets.load_dataset(builder, ...)`` over ``files``, after checking JSONL lines: a line that is not a
+    JSON object is an error naming file and line (``bad_rows="error"``) or is skipped and reported
+    (``"skip"``: the rows are then read through ``Dataset.from_generator``)."""
+    import datasets
+
+    bad = _bad_jsonl_lines(files) if builder == "json" else []
+    if bad and bad_rows == "error":
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ValueError(f"{len(bad)} line(s) of the data are not JSON rows: {'; '.join(bad[:3])}{more}. Fix them, "
+                         "or set data.bad_rows=skip to skip them (they count towards data.max_skipped_fraction)")
+    if not any(os.path.getsize(f) for f in files):
+        raise ValueError(f"the data files {files} are empty (no rows)")
+    if bad:
+        stamp = "|".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
+        ds = datasets.Dataset.from_generator(_good_jsonl_rows, gen_kwargs={"files": files, "stamp": stamp},
+                                             cache_dir=hf_cache)
+    else:
+        ds = datasets.load_dataset(builder, data_files={split: files}, split=split, cache_dir=hf_cache)
+    return ds, bad
+
+
 def _builder(files: list[str], where: str) -> str:
     kinds = {BUILDERS[Path(f).suffix.lower()] for f in files}
     if len(kinds) != 1:
@@ -136,19 +200,21 @@ def _fingerprint(dataset, extra: str) -> str:
 
 
 def load_source(path: str, split: str, *, image_root: str | None = None, cache_dir: str | None = None,
-                max_rows: int | None = None) -> Source:
-    """Load one split of ``path`` (see the module docstring); raises with the path and what was expected."""
+                max_rows: int | None = None, bad_rows: str = "error") -> Source:
+    """Load one split of ``path`` (see the module docstring); raises with the path and what was expected.
+    JSONL lines that are not JSON objects are an error naming file and line, or skipped under
+    ``bad_rows="skip"`` (listed in ``Source.skipped_lines``)."""
     import datasets
 
     local = Path(path).expanduser()
     name = f"{path} [{split}]"
+    skipped: list[str] = []
     hf_cache = str(Path(cache_dir).expanduser() / "hf_datasets") if cache_dir is not None else None
     if local.is_file():
         suffix = local.suffix.lower()
         if suffix not in BUILDERS:
             raise ValueError(f"dataset file {local} has suffix {suffix!r}; expected one of {sorted(BUILDERS)}")
-        ds = datasets.load_dataset(BUILDERS[suffix], data_files={split: [str(local.resolve())]}, split=split,
-                                   cache_dir=hf_cache)
+        ds, skipped = _load_files(BUILDERS[suffix], [str(local.resolve())], split, hf_cache, bad_rows)
         default_root, local_dir = local.resolve().parent, local.resolve().parent
     elif local.is_dir():
         root = local.resolve()
@@ -167,8 +233,8 @@ def load_source(path: str, split: str, *, image_root: str | None = None, cache_d
                                  "not a save_to_disk directory")
             if split not in files:
                 raise ValueError(f"directory {root} has splits {sorted(files)} (from file names), not {split!r}")
-            ds = datasets.load_dataset(_builder(files[split], f"split {split!r} of {root}"),
-                                       data_files={split: files[split]}, split=split, cache_dir=hf_cache)
+            ds, skipped = _load_files(_builder(files[split], f"split {split!r} of {root}"), files[split], split,
+                                      hf_cache, bad_rows)
         default_root, local_dir = root, root
     elif _looks_local(path):
         raise FileNotFoundError(f"dataset path {path} does not exist (expected a file, a directory, or a hub name "
@@ -188,4 +254,4 @@ def load_source(path: str, split: str, *, image_root: str | None = None, cache_d
     root = str(Path(image_root).expanduser().resolve()) if image_root is not None else (
         str(default_root) if default_root is not None else None)
     return Source(ds, name, root, _fingerprint(ds, f"{path}|{split}|{max_rows}"),
-                  str(local_dir) if local_dir is not None else None)
+                  str(local_dir) if local_dir is not None else None, skipped)

@@ -15,6 +15,7 @@ kernel's writeback is not promised.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -25,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 from gemma4vl.bridge.checkpoint import INDEX_FILE, CheckpointError, check_tensors, scan_checkpoint
+
+logger = logging.getLogger("gemma4vl")
 from gemma4vl.bridge.gemma4vl_bridge import split_expert_slice
 from gemma4vl.export.writer import BackgroundWriter, PlannedCheckpointWriter
 from gemma4vl.bridge.hf_config import read_hf_config
@@ -178,6 +181,41 @@ def _verify(tmp_dir: Path, weight_map: dict[str, str]) -> None:
     check_tensors(tensors, expected, optional, where=f"export {tmp_dir}")
     if set(tensors) != set(weight_map):
         raise CheckpointError(f"export {tmp_dir}: shards hold {len(tensors)} tensors, {len(weight_map)} were written")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted_export(out_dir: Path) -> list[Path]:
+    """Clean up after an export that was killed (on this machine) before it finished: its partial directory
+    ``.<name>.partial-<pid>`` is removed, and a complete previous export that was moved aside
+    (``.<name>.old-<pid>``) is moved back when ``out_dir`` is missing, else removed. Directories of a process that
+    is still alive are left alone. Returns the directories removed or restored."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    if not out_dir.parent.is_dir():
+        return []
+    touched = []
+    for kind in ("old", "partial"):
+        for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.{kind}-*")):
+            pid = leftover.name.rsplit("-", 1)[1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not out_dir.exists():
+                leftover.rename(out_dir)
+                logger.warning("restored the previous export %s (an export was interrupted while replacing it)",
+                               out_dir)
+            else:
+                shutil.rmtree(leftover)
+                logger.warning("removed %s, left by an interrupted export", leftover)
+            touched.append(leftover)
+    return touched
 
 
 def _replace(tmp_dir: Path, out_dir: Path) -> None:

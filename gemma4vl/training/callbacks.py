@@ -12,6 +12,7 @@ where tok/s counts the sequence positions processed (global batch x sequence len
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -50,8 +51,10 @@ class ProgressCallback(Callback):
         self._durations: list[float] = []
 
     def _write(self, record: dict) -> None:
+        # Strict JSON: a non-finite value (the loss of a step whose rows were all skipped) is written as null.
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def on_train_step_start(self, context: CallbackContext) -> None:
         self._last = time.perf_counter()
@@ -72,7 +75,8 @@ class ProgressCallback(Callback):
             mean = sum(self._durations) / len(self._durations)
             eta = timedelta(seconds=round(mean * (self.total_steps - step)))
             grad = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3g}"
-            print(f"step {step}/{self.total_steps} | loss {loss:.4f} | grad norm {grad} | lr {lr:.3g} | "
+            shown = "n/a" if loss is None or not math.isfinite(loss) else f"{loss:.4f}"
+            print(f"step {step}/{self.total_steps} | loss {shown} | grad norm {grad} | lr {lr:.3g} | "
                   f"{self.tokens_per_step / mean:.0f} tok/s | ETA {eta}", flush=True)
 
     def on_eval_end(self, context: CallbackContext) -> None:
@@ -81,7 +85,7 @@ class ProgressCallback(Callback):
         val = _scalar((context.total_loss_dict or {}).get("lm loss"))
         step = context.state.train_state.step
         self._write({"step": step, "val_loss": val})
-        print(f"validation at step {step}: loss {val:.4f}", flush=True)
+        print(f"validation at step {step}: loss {'n/a' if val is None else f'{val:.4f}'}", flush=True)
 
 
 

@@ -74,7 +74,7 @@ def checkpoint_dir(run_dir: Path, cfg: RunConfig) -> Path:
 
 def select_checkpoint(ckpt_dir: Path, checkpoint: str | None) -> tuple[int, Path]:
     """(step, directory) of ``checkpoint`` (``iter_0000002``, ``iter_2``, ``2``; None: the newest complete one)."""
-    from gemma4vl.training.finetune import latest_checkpoint_step
+    from gemma4vl.training.preflight import latest_checkpoint_step
 
     available = sorted(p.name for p in ckpt_dir.glob("iter_*") if (p / ".metadata").is_file()) \
         if ckpt_dir.is_dir() else []
@@ -157,7 +157,8 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, format: str |
 
     from gemma4vl.bridge.adapters import peft_format_problems
     from gemma4vl.runtime.distributed import destroy_model_parallel, initialize_model_parallel
-    from gemma4vl.training.finetune import _export_dtype, _parse_size, resolve_hf_path
+    from gemma4vl.config.validate import parse_size
+    from gemma4vl.training.finetune import _export_dtype, resolve_hf_path
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -188,7 +189,7 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, format: str |
             from gemma4vl.export import export_hf_checkpoint
 
             export_hf_checkpoint(auto_bridge, model, staged["merged"], dtype=_export_dtype(cfg),
-                                 max_shard_bytes=_parse_size(cfg.export.max_shard_size), overwrite=True)
+                                 max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True)
         if "adapter" in staged:
             from gemma4vl.export import export_hf_adapter
 

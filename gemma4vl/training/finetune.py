@@ -25,7 +25,15 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from gemma4vl.config.schema import RunConfig
+from gemma4vl.export.hf_export import recover_interrupted_export
 from gemma4vl.runtime import setup_runtime
+from gemma4vl.training.preflight import (  # noqa: F401  (latest_checkpoint_step re-exported)
+    check_data,
+    check_outputs,
+    check_outputs_apart_from_inputs,
+    check_resume,
+    latest_checkpoint_step,
+)
 
 logger = logging.getLogger("gemma4vl")
 
@@ -79,47 +87,31 @@ def init_process_group(device: str) -> None:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def prepare_inputs(cfg: RunConfig) -> None:
-    """Generate the demo checkpoint / dataset when the config asks for them and they are missing (rank 0)."""
-    model_dir = Path(cfg.model.hf_path)
-    if cfg.model.generate_fixture and not (model_dir / "config.json").exists():
-        from gemma4vl.testing.fixtures import write_checkpoint
-
-        logger.info("writing the %s test checkpoint to %s", cfg.model.generate_fixture, model_dir)
-        write_checkpoint(model_dir, variant=cfg.model.generate_fixture, num_layers=cfg.model.fixture_num_layers,
-                         max_soft_tokens=cfg.data.max_soft_tokens, overwrite=True)
-    data_dir = Path(cfg.data.path)
-    if cfg.data.generate_demo and not (data_dir.exists() and any(data_dir.iterdir())):
-        from gemma4vl.data.demo import write_demo_dataset
-
-        logger.info("writing the demo dataset to %s", data_dir)
-        write_demo_dataset(data_dir)
-
-
 def resolve_hf_path(path: str) -> Path:
-    """A local checkpoint directory for ``path`` (a directory, or a hub id downloaded where the hub is reachable)."""
-    local = Path(path)
+    """A local checkpoint directory for ``model.hf_path``: a directory holding config.json, or a hub id
+    (``owner/name``) downloaded where the hub is reachable. Anything else is an error naming the key and path."""
+    local = Path(path).expanduser()
     if (local / "config.json").is_file():
         return local
-    if local.exists() or path.startswith((".", "/")):
-        raise FileNotFoundError(f"model.hf_path={path}: no config.json there (expected a Hugging Face checkpoint)")
+    if local.is_dir():
+        raise FileNotFoundError(f"model.hf_path={path}: the directory has no config.json (expected a Hugging Face "
+                                "checkpoint: config.json, model*.safetensors, processor files; an incomplete copy?)")
+    if local.exists():
+        raise FileNotFoundError(f"model.hf_path={path}: not a directory (expected a Hugging Face checkpoint dir)")
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"model.hf_path={path}: no such directory (and not a hub id like owner/name)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id=path))
-
-
-def latest_checkpoint_step(ckpt_dir: str | Path) -> int | None:
-    """The step of the newest *complete* checkpoint in ``ckpt_dir`` (Megatron writes the tracker file only
-    after every rank finished its save), or None."""
-    tracker = Path(ckpt_dir) / "latest_checkpointed_iteration.txt"
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    return int(text) if text.isdigit() else None
+    try:
+        return Path(snapshot_download(repo_id=path))
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, gated ...
+        raise FileNotFoundError(f"model.hf_path={path}: no such local directory, and downloading it as a hub id "
+                                f"failed ({type(e).__name__}: {e})") from e
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics of steps after ``step`` (they are recomputed after a resume)."""
+    """Drop metrics of steps after ``step``: all of them on a fresh start (0), those after the checkpoint on a
+    resume (they are recomputed), so the log holds each step once."""
     from gemma4vl.training.metrics import read_metrics
 
     path = run_dir / "metrics.jsonl"
@@ -134,14 +126,6 @@ def _export_dtype(cfg: RunConfig) -> torch.dtype | None:
     return None if cfg.export.dtype == "source" else getattr(torch, cfg.export.dtype)
 
 
-def _parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
 def finetune(cfg: RunConfig) -> FinetuneResult:
     """Run ``cfg`` end to end (see module docstring)."""
     from gemma4vl.bridge import read_hf_config
@@ -152,16 +136,18 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     run_dir = Path(cfg.run_dir)
     if _rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        prepare_inputs(cfg)
+        check_outputs(cfg)
     _barrier()
     hf_dir = resolve_hf_path(cfg.model.hf_path)
     validate(cfg, world_size, read_hf_config(hf_dir))
-    resumed_from = latest_checkpoint_step(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+    check_outputs_apart_from_inputs(cfg, hf_dir)
+    check_data(cfg.data)
+    resumed_from = check_resume(cfg)
     if _rank() == 0:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+        _truncate_metrics(run_dir, resumed_from or 0)
+        recover_interrupted_export(Path(cfg.export.dir))
         if resumed_from is not None:
-            _truncate_metrics(run_dir, resumed_from)
             print(f"resuming from the checkpoint of step {resumed_from} in {cfg.checkpoint.dir}", flush=True)
     _barrier()
     state, model, preempted = _train(cfg, hf_dir, resume=resumed_from is not None)
@@ -188,7 +174,8 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
 
     from gemma4vl.config.container import build_config_container
     from gemma4vl.training.callbacks import ProgressCallback
-    from gemma4vl.training.forward_step import forward_step
+    from gemma4vl.training.bad_rows import BadRowCallback, BadRowMonitor
+    from gemma4vl.training.forward_step import ForwardStep
 
     auto_bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
     container = build_config_container(cfg, auto_bridge, resume=resume)
@@ -199,6 +186,8 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     if cfg.logger.backend == "wandb":
         state._wandb_logger = init_wandb(cfg)
     callbacks = CallbackManager()
+    monitor = BadRowMonitor(cfg.data.max_skipped_fraction, cfg.data.bad_row_log_limit)
+    callbacks.add(BadRowCallback(monitor))
     callbacks.add(ProgressCallback(cfg.run_dir, cfg.trainer.log_interval,
                                    tokens_per_step=cfg.trainer.global_batch_size * cfg.data.seq_length,
                                    total_steps=cfg.trainer.train_iters))
@@ -212,7 +201,7 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     state.checkpoint_manager = out.checkpoint_manager
     preempted = False
     try:
-        train(forward_step, out.model, out.optimizer, out.scheduler, out.train_data_iterator,
+        train(ForwardStep(monitor), out.model, out.optimizer, out.scheduler, out.train_data_iterator,
               out.valid_data_iterator, state, out.checkpoint_manager, out.pg_collection, callback_manager=callbacks)
     except SystemExit:
         # After an exit signal Megatron-Bridge saves a checkpoint and calls sys.exit(0) inside train(). Every rank
@@ -223,19 +212,36 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     return state, out.model, preempted
 
 
-def wandb_mode(mode: str) -> str:
+def wandb_mode(mode: str, probe_timeout: float = 5.0) -> str:
     """``online`` / ``offline`` for the logger's ``wandb_mode``; ``auto`` is online only when wandb credentials are
-    configured (``WANDB_API_KEY``, or a ``wandb login`` entry in ~/.netrc)."""
+    configured (``WANDB_API_KEY``, or a ``wandb login`` entry in ~/.netrc) *and* the wandb server answers a TCP
+    connection within ``probe_timeout`` seconds (so a machine without network logs offline at once instead of
+    stalling in ``wandb.init``)."""
     if mode != "auto":
         return mode
     import netrc
 
     if os.environ.get("WANDB_API_KEY", "").strip():
-        return "online"
-    try:
-        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
-    except (FileNotFoundError, netrc.NetrcParseError):
+        has_key = True
+    else:
+        try:
+            has_key = bool(netrc.netrc().authenticators("api.wandb.ai"))
+        except (FileNotFoundError, netrc.NetrcParseError):
+            has_key = False
+    if not has_key:
         return "offline"
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=probe_timeout).close()
+    except OSError as e:
+        logger.warning("logger.wandb_mode=auto: %s:%s is not reachable (%s); logging to wandb offline (sync later "
+                       "with `wandb sync %s`)", host, port, e, "<run_dir>/wandb")
+        return "offline"
+    return "online"
 
 
 def init_wandb(cfg: RunConfig):
@@ -283,11 +289,12 @@ def _translate_sigusr1() -> None:
 
 
 def _export(cfg: RunConfig, state, model) -> Path | None:
+    from gemma4vl.config.validate import parse_size
     from gemma4vl.export import export_hf_adapter, export_hf_checkpoint
 
     if cfg.export.format in ("merged", "both"):
         report = export_hf_checkpoint(state.auto_bridge, model, cfg.export.dir, dtype=_export_dtype(cfg),
-                                      max_shard_bytes=_parse_size(cfg.export.max_shard_size), overwrite=True)
+                                      max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True)
         if report is not None:
             print(f"exported {report.num_tensors} tensors ({report.num_bytes / 1e9:.2f} GB, {report.dtype}) to "
                   f"{report.path} in {report.seconds:.1f} s; verified", flush=True)

@@ -25,11 +25,24 @@ def _device(model) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
-def forward_step(state: GlobalState, data_iterator: Iterable, model) -> tuple[torch.Tensor, partial]:
+class ForwardStep:
+    """:func:`forward_step` that also hands each training batch's skipped rows to a
+    :class:`~gemma4vl.training.bad_rows.BadRowMonitor`."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    def __call__(self, state: GlobalState, data_iterator: Iterable, model) -> tuple[torch.Tensor, partial]:
+        return forward_step(state, data_iterator, model, monitor=self.monitor)
+
+
+def forward_step(state: GlobalState, data_iterator: Iterable, model, monitor=None) -> tuple[torch.Tensor, partial]:
     """One micro batch: (per-token loss [b, s], loss function)."""
     timers = state.timers
     timers("batch-generator", log_level=2).start()
     batch = next(data_iterator)
+    if monitor is not None and model.training:
+        monitor.record(batch)
     device = _device(model)
     inputs = {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None)
               for k in MODEL_INPUTS}
