@@ -147,6 +147,7 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
         _truncate_metrics(run_dir, resumed_from or 0)
         recover_interrupted_export(Path(cfg.export.dir))
+        recover_interrupted_export(Path(cfg.export.adapter_dir))
         if resumed_from is not None:
             print(f"resuming from the checkpoint of step {resumed_from} in {cfg.checkpoint.dir}", flush=True)
     _barrier()
