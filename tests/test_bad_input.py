@@ -223,6 +223,14 @@ def test_outputs_must_be_writable_and_outside_the_inputs(tmp_path, ckpt):
             check_outputs_apart_from_inputs(_run(base + [f"{key}={value}"], tmp_path / "run"), ckpt)
         assert message in str(e.value)
     check_outputs_apart_from_inputs(_run(base, tmp_path / "run"), ckpt)  # the defaults are fine
+    # A LoRA run's PEFT adapter (export.format=both) is an export too: replaced whole, checked the same way.
+    lora = base + ["peft=lora", "export.format=both"]
+    with pytest.raises(ConfigError, match=r"export.adapter_dir \(its parent\)=.*: not writable"):
+        check_outputs(_run(lora + [f"export.adapter_dir={blocker}/sub/adapter"], tmp_path / "run"))
+    with pytest.raises(ConfigError) as e:
+        check_outputs_apart_from_inputs(_run(lora + [f"export.adapter_dir={tmp_path}"], tmp_path / "run"), ckpt)
+    assert f"export.adapter_dir={tmp_path} contains the input" in str(e.value)
+    check_outputs_apart_from_inputs(_run(lora, tmp_path / "run"), ckpt)
 
 
 def _fake_checkpoint(ckpt_dir: Path, step: int, run):

@@ -153,6 +153,11 @@ def test_finetune_end_to_end(inputs, tmp_path):
     index = json.loads((run_dir / "hf_export" / "model.safetensors.index.json").read_text())
     assert len(index["weight_map"]) == 119
     assert_export_matches_checkpoint(run_dir, inputs[0])
+    assert "trainable parameters: 399,952 of 399,952 (100.000%)\n" in out, out[-3000:]  # full SFT: every weight
+    # recipes.export of the saved step-8 checkpoint, after the fact: the run's own export, bit for bit.
+    status, out = export_cmd(run_dir, "checkpoint=iter_0000008", "verify=false")
+    assert status == 0, out[-3000:]
+    assert_same_tensors(run_dir / "hf_export", run_dir / "exports" / "iter_0000008" / "hf_export")
 
 
 def _kill_after(proc, run_dir, step, sig, need_checkpoint=True):
@@ -227,19 +232,112 @@ def test_torchrun_two_processes(inputs, tmp_path, experiment):
     assert_export_matches_checkpoint(run_dir, inputs[0])
 
 
-def test_lora_finetune_exports_the_merged_model(inputs, tmp_path):
-    """LoRA on attention: only adapters train, and the export (adapters merged, K=V layers' v rows dropped)
-    reproduces the trained model's logits (checked by the run itself: export.verify_logits). The run logs to
-    TensorBoard (``logger=tensorboard``): its event file holds the same losses as metrics.jsonl."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+# LoRA on attention and the shared expert (every target has a PEFT equivalent); the LR decays over 4 steps in every
+# LoRA run below, so a 2-step run follows the first 2 steps of a 4-step one.
+LORA = ("peft=lora_shared_expert", "optim.decay_iters=4")
 
-    run_dir = tmp_path / "run"
-    status, out = run(overrides(inputs, run_dir, 4, "peft=lora", "export.verify_logits=true",
+
+def export_cmd(run_dir, *args):
+    """`python -m recipes.export run_dir args...`: (exit status, output)."""
+    proc = subprocess.run([sys.executable, "-m", "recipes.export", str(run_dir), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def assert_same_tensors(a_dir, b_dir, atol=0.0):
+    from gemma4vl.testing.fixtures import load_checkpoint_tensors
+
+    a, b = load_checkpoint_tensors(a_dir), load_checkpoint_tensors(b_dir)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        diff = (a[name].double() - b[name].double()).abs().max().item() if a[name].numel() else 0.0
+        assert diff <= atol, f"{name}: max |diff| {diff} between {a_dir} and {b_dir}"
+    return a
+
+
+@pytest.fixture(scope="module")
+def lora_run(inputs, tmp_path_factory):
+    """4 LoRA steps, checkpoints at 2 and 4, the merged export and the PEFT adapter, both verified by the run
+    (logits against the trained model, base weights against the source); logs to TensorBoard."""
+    run_dir = tmp_path_factory.mktemp("lora") / "run"
+    status, out = run(overrides(inputs, run_dir, 4, *LORA, "export.format=both", "export.verify_logits=true",
                                 "data.validation_split=validation", "logger=tensorboard"))
     assert status == 0, out[-4000:]
-    assert "trainable" in out.lower() or "PEFT" in out
+    return run_dir, out
+
+
+def test_lora_finetune_trains_adapters_only_and_exports_merged_and_peft(inputs, lora_run):
+    """Only adapters train and hold optimizer state; the base weights are the source checkpoint's, bit for bit;
+    the merged export and the PEFT adapter (adapters non-zero on a K=V layer's q/k and on the shared expert)
+    reproduce the trained model; TensorBoard holds the losses."""
+    import torch.distributed.checkpoint as dcp
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoConfig
+
+    from gemma4vl.testing.fixtures import load_checkpoint_tensors
+    from gemma4vl.testing.megatron_harness import hf_model, synthetic_batch
+
+    run_dir, out = lora_run
+    ckpt = inputs[0]
+    config = AutoConfig.from_pretrained(ckpt)
     got = losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]
+    from gemma4vl.bridge import read_hf_config
+    from gemma4vl.bridge.adapters import PEFT_ADAPTER_TARGETS, lora_parameter_counts
+
+    # rank 16 x (in + out) per adapted Megatron module (lora_parameter_counts is checked against the model in
+    # test_lora): 4 layers of the tiny fixture, attention and the shared expert.
+    counts = lora_parameter_counts(read_hf_config(ckpt), rank=16)
+    trainable = sum(counts[t] for t in PEFT_ADAPTER_TARGETS)
+    assert trainable == 73_728  # 4 x 18,432 at rank 16 (test_lora)
+    assert "trainable parameters: 73,728 of 473,680 (15.565%) (LoRA adapters)" in out, out[-3000:]
+    # The checkpoint: adapter weights and their Adam moments, nothing else.
+    metadata = dcp.FileSystemReader(str(run_dir / "checkpoints" / "iter_0000004")).read_metadata()
+    entries = {k: v for k, v in metadata.state_dict_metadata.items() if not k.startswith(("common_state/",
+                                                                                           "rng_state/"))}
+    model_keys = [k for k in entries if not k.startswith("optimizer.")]
+    assert model_keys and all(".adapter." in k for k in model_keys), model_keys
+    assert sum(entries[k].size.numel() for k in model_keys) == trainable
+    for moment in ("exp_avg", "exp_avg_sq"):
+        assert sorted(k for k in entries if k.startswith(f"optimizer.state.{moment}.")) == sorted(
+            f"optimizer.state.{moment}.{k}" for k in model_keys)
+    assert all(k.startswith(("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")) or k in model_keys
+               for k in entries), sorted(entries)
+    # The run's own checks: logits of both exports, and its base weights against the source.
+    records = {k: r[k] for r in read_metrics(run_dir) for k in r}
+    assert records["export_max_logit_diff"] <= 1e-4 and records["adapter_max_logit_diff"] <= 1e-4
+    assert records["adapter_base_tensors_identical"] == 119 and records["adapter_base_tensors_differing"] == []
+    # The adapter: non-zero on the global (K=V) layer's q/k (no v_proj there) and on the shared expert.
+    adapter = load_file(run_dir / "hf_adapter" / "adapter_model.safetensors")
+    adapter_config = json.loads((run_dir / "hf_adapter" / "adapter_config.json").read_text())
+    full = read_hf_config(ckpt).arch.layer_types.index("full_attention")
+    p = f"base_model.model.model.language_model.layers.{full}."
+    for module in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert adapter[f"{p}{module}.lora_B.weight"].abs().max() > 1e-4, module
+    assert not any(k.startswith(p + "self_attn.v_proj") for k in adapter)
+    # Merged export = source + (alpha / r) B A for every adapted tensor, the source bit for bit elsewhere.
+    source, merged = load_checkpoint_tensors(ckpt), load_checkpoint_tensors(run_dir / "hf_export")
+    scale = adapter_config["lora_alpha"] / adapter_config["r"]
+    adapted = {m + ".weight" for m in adapter_config["target_modules"]}
+    assert len(adapted) == 26 and sorted(merged) == sorted(source)
+    for name in source:
+        if name in adapted:
+            m = "base_model.model." + name.removesuffix(".weight")
+            delta = scale * adapter[m + ".lora_B.weight"].double() @ adapter[m + ".lora_A.weight"].double()
+            torch.testing.assert_close(merged[name].double(), source[name].double() + delta, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(merged[name], source[name]), name
+    # PEFT on the source checkpoint computes what the merged export computes (transformers on both sides).
+    batch = synthetic_batch(config, seed=21)
+    with torch.no_grad():
+        merged_logits = hf_model(run_dir / "hf_export")(**batch.hf_kwargs()).logits
+        peft_logits = PeftModel.from_pretrained(hf_model(ckpt), str(run_dir / "hf_adapter"))(
+            **batch.hf_kwargs()).logits
+    valid = batch.segment_ids > 0
+    assert (merged_logits - peft_logits)[valid].abs().max().item() <= 1e-4
+    # TensorBoard: the losses of metrics.jsonl, and the throughput scalars.
     (event_file,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
     events = EventAccumulator(str(event_file))
     events.Reload()
@@ -253,8 +351,83 @@ def test_lora_finetune_exports_the_merged_model(inputs, tmp_path):
     tokens = [e.value for e in events.Scalars("throughput/tokens_per_sec")]
     samples = [e.value for e in events.Scalars("throughput/samples_per_sec")]
     assert all(t > 0 and t == pytest.approx(512 * s, rel=1e-5) for t, s in zip(tokens, samples)), (tokens, samples)
-    (check,) = [r for r in read_metrics(run_dir) if "export_max_logit_diff" in r]
-    assert check["export_max_logit_diff"] <= 1e-4 and check["export_logit_scale"] > 1.0
+
+
+def test_lora_resume_and_export_of_an_intermediate_checkpoint(inputs, lora_run, tmp_path):
+    """A LoRA run killed after step 3 (checkpoint at 2) resumes to the uninterrupted losses; recipes.export of the
+    4-step run's step-2 checkpoint equals what a run ending at step 2 exports (same LR schedule: decay over 4)."""
+    run_dir, _ = lora_run
+    short, killed = tmp_path / "short", tmp_path / "killed"
+    status, out = run(overrides(inputs, short, 2, *LORA, "export.format=both"))
+    assert status == 0, out[-3000:]
+    proc = start(overrides(inputs, killed, 4, *LORA, "export.enabled=false"))
+    _kill_after(proc, killed, 3, signal.SIGKILL)
+    status, out = finish(proc)
+    assert status == -signal.SIGKILL, out[-3000:]
+    assert int((killed / "checkpoints" / "latest_checkpointed_iteration.txt").read_text()) == 2
+    status, out = run(overrides(inputs, killed, 4, *LORA, "export.enabled=false"))
+    assert status == 0 and "resuming from the checkpoint of step 2" in out, out[-3000:]
+    uninterrupted, resumed = losses(run_dir), losses(killed)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in range(1, 5):  # rel=1e-5: see test_resume_after_sigkill_reproduces_the_uninterrupted_run
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5), (step, uninterrupted, resumed)
+    assert losses(short) == pytest.approx({s: uninterrupted[s] for s in (1, 2)}, rel=1e-5)
+
+    status, out = export_cmd(run_dir, "checkpoint=iter_2", "format=both")
+    assert status == 0, out[-3000:]
+    exported = run_dir / "exports" / "iter_0000002"
+    assert f"exported the PEFT adapter of step 2 to {exported / 'hf_adapter'}; max |logit difference" in out
+    # Two processes of the same command may differ by ~1e-7 relative (see the full-SFT resume test): 1e-6.
+    assert_same_tensors(short / "hf_export", exported / "hf_export", atol=1e-6)
+    assert_same_tensors(short / "hf_adapter", exported / "hf_adapter", atol=1e-6)
+    assert json.loads((short / "hf_adapter" / "adapter_config.json").read_text()) == json.loads(
+        (exported / "hf_adapter" / "adapter_config.json").read_text())
+    assert sorted(p.name for p in exported.iterdir()) == ["hf_adapter", "hf_export"]  # no staging left
+
+
+def test_export_refuses_a_missing_run_or_checkpoint_and_a_format_the_run_cannot_have(inputs, tmp_path, capsys):
+    """Usage errors exit 2 with a message naming what is wrong, before any model is built or anything written
+    (recipes.export's main in this process: the command line itself is run by the tests above)."""
+    from omegaconf import OmegaConf
+
+    from gemma4vl.config.schema import RunConfig
+    from recipes.export import main
+
+    def export(*args):
+        status = main([str(a) for a in args])
+        return status, capsys.readouterr().err
+
+    status, err = export(tmp_path / "nope")
+    assert status == 2 and f"run directory {tmp_path / 'nope'} does not exist" in err, err
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "iter_0000002").mkdir(parents=True)
+    status, err = export(run_dir)
+    assert status == 2 and "no config.yaml" in err, err
+    (run_dir / "config.yaml").write_text("model: [1, 2]\n")
+    status, err = export(run_dir)
+    assert status == 2 and f"{run_dir / 'config.yaml'}: not a gemma4vl run config" in err, err
+    cfg = OmegaConf.structured(RunConfig(run_dir=str(run_dir)))
+    cfg.checkpoint.dir = str(run_dir / "checkpoints")
+    cfg.model.name, cfg.model.hf_path = "tiny", str(inputs[0])
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    status, err = export(run_dir, "checkpoint=iter_2")
+    assert status == 2 and "iter_0000002 is incomplete (no .metadata: its save never finished)" in err, err
+    status, err = export(run_dir)
+    assert status == 2 and "no complete checkpoint (latest_checkpointed_iteration.txt" in err, err
+    status, err = export(run_dir, "format=adapter")
+    assert status == 2 and "trained every weight (peft.method=none); use format=merged" in err, err
+    status, err = export(run_dir, "format=lora")
+    assert status == 2 and "format='lora' is not one of ['merged', 'adapter', 'both']" in err, err
+    status, err = export(run_dir, "checkpoint=latest")
+    assert status == 2 and "checkpoint='latest': expected iter_N or N" in err, err
+    status, err = export(run_dir, "tensor=0")
+    assert status == 2 and "tensor='0': expected a positive integer" in err, err
+    cfg.peft.method, cfg.peft.target_modules = "lora", ["linear_qkv", "linear_fc1"]
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    status, err = export(run_dir, "format=adapter")
+    assert status == 2 and "'linear_fc1' adapts ['mlp.experts.local_experts.*.linear_fc1']" in err, err
+    assert "export.format=merged" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml"]
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from megatron.core.utils import unwrap_model
 from transformers import Gemma4ForConditionalGeneration
 
 from gemma4vl.bridge import fusion, host_pages
+from gemma4vl.bridge.adapters import Gemma4AdapterBridge
 from gemma4vl.bridge.checkpoint import (
     CheckpointError,
     all_finite,
@@ -88,6 +89,11 @@ def precheck_hf_checkpoint(hf_dir, *, megatron_bridge_names: bool = False) -> Ge
     return cfg
 
 
+def _is_fused(hf_name: str) -> bool:
+    located = layer_and_name(hf_name)
+    return located is not None and located[1] in _FUSED
+
+
 @dataclass
 class _ExportUnfusion:
     """Export-side state: fused tensors wait here until their layer's norm values have streamed past."""
@@ -101,8 +107,9 @@ class _ExportUnfusion:
 @MegatronModelBridge.register_bridge(
     source=Gemma4ForConditionalGeneration, target=Gemma4VLModel, provider=Gemma4VLModelProvider, model_type="gemma4"
 )
-class Gemma4VLBridge(MegatronModelBridge):
-    """Bridge of Gemma 4 vision-language MoE checkpoints (e.g. google/gemma-4-26B-A4B)."""
+class Gemma4VLBridge(Gemma4AdapterBridge, MegatronModelBridge):
+    """Bridge of Gemma 4 vision-language MoE checkpoints (e.g. google/gemma-4-26B-A4B); LoRA adapters merged or
+    as a PEFT adapter: :mod:`gemma4vl.bridge.adapters`."""
 
     # ---------------------------------------------------------------- config
     def gemma4_config(self) -> Gemma4HFConfig:
@@ -284,9 +291,19 @@ class Gemma4VLBridge(MegatronModelBridge):
         return weight, None
 
     # ---------------------------------------------------------------- export
-    def stream_weights_megatron_to_hf(self, megatron_model, hf_pretrained, *args, **kwargs):
+    def stream_weights_megatron_to_hf(self, megatron_model, hf_pretrained, cpu: bool = True,
+                                      show_progress: bool = True, conversion_tasks=None,
+                                      merge_adapter_weights: bool = True, weight_dtype=None):
         self._unfusion = _ExportUnfusion()
-        yield from super().stream_weights_megatron_to_hf(megatron_model, hf_pretrained, *args, **kwargs)
+        self.hf_pretrained = hf_pretrained
+        self._start_adapter_merge(megatron_model, merge_adapter_weights)
+        try:
+            yield from super().stream_weights_megatron_to_hf(
+                megatron_model, hf_pretrained, cpu=cpu, show_progress=show_progress,
+                conversion_tasks=conversion_tasks, merge_adapter_weights=merge_adapter_weights,
+                weight_dtype=weight_dtype)
+        finally:
+            self._adapter_merge = None
         if self._unfusion.pending:
             raise RuntimeError(f"export ended with fused tensors whose norms never arrived: "
                                f"{sorted(self._unfusion.pending)[:5]}")
@@ -294,8 +311,12 @@ class Gemma4VLBridge(MegatronModelBridge):
                     self._unfusion.exact_originals, self._unfusion.recomputed)
 
     def maybe_modify_converted_hf_weight(self, task: WeightConversionTask, converted_weights_dict, hf_state_dict):
-        """Invert the MoE fusions with the model's current norm weights (see :mod:`gemma4vl.bridge.fusion`)."""
+        """Invert the MoE fusions with the model's current norm weights (see :mod:`gemma4vl.bridge.fusion`); a
+        LoRA adapter on a fused tensor is merged into it first (see :mod:`gemma4vl.bridge.adapters`)."""
         state = self._unfusion
+        fused = {n: t for n, t in converted_weights_dict.items() if _is_fused(n)}
+        if fused:
+            converted_weights_dict = {**converted_weights_dict, **self._merge_into_fused(task, fused)}
         out: Dict[str, torch.Tensor] = {}
         for name, tensor in converted_weights_dict.items():
             located = layer_and_name(name)

@@ -126,7 +126,9 @@ class PeftConfig:
     """Dropout on the LoRA input."""
 
     target_modules: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj"])
-    """Megatron module names to adapt (e.g. ``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``)."""
+    """Megatron modules to adapt: a module name (``linear_qkv``, ``linear_proj``; ``linear_fc1`` / ``linear_fc2``
+    match the shared and the routed experts) or a wildcard pattern on the full name (``*.shared_experts.linear_fc1``,
+    ``*.local_experts.*.linear_fc2``). See docs/lora.md for which targets the PEFT adapter export supports."""
 
 
 @dataclass
@@ -233,8 +235,17 @@ class ExportConfig:
 
     verify_logits: bool = False
     """After exporting, reload the export in transformers on the host (float32) and check its logits on a
-    validation prompt equal the trained model's (1e-4 after fp32 training, 5% of the logit range after bf16).
-    Needs the whole model in host memory: for small models, tests and demos."""
+    validation prompt equal the trained model's (1e-4 after fp32 training, 5% of the logit range after bf16);
+    an adapter export is loaded with ``peft`` onto the source checkpoint. Needs the whole model in host memory:
+    for small models, tests and demos."""
+
+    format: str = "merged"
+    """``merged`` (an HF checkpoint, LoRA adapters merged into the weights, in ``dir``), ``adapter`` (LoRA runs: an
+    HF PEFT adapter for the source checkpoint, in ``adapter_dir``) or ``both``."""
+
+    adapter_dir: str = "${run_dir}/hf_adapter"
+    """Destination of the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``, written
+    atomically)."""
 
 
 @dataclass(kw_only=True)

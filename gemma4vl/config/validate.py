@@ -19,6 +19,7 @@ CHOICES = {
     "logger.backend": ("none", "tensorboard", "wandb"),
     "logger.wandb_mode": ("auto", "online", "offline"),
     "export.dtype": ("source", "bfloat16", "float32"),
+    "export.format": ("merged", "adapter", "both"),
     "data.dataloader_type": ("single", "cyclic"),
     "model.vision_attn_implementation": ("sdpa", "eager"),
 }
@@ -155,9 +156,21 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig) -> int:
         errors.append(f"trainer.precision={t.precision!r} on trainer.device='cpu': the CPU backend trains in fp32")
     if cfg.peft.method == "lora" and t.freeze_language_model:
         errors.append("peft.method=lora already freezes the base model; drop trainer.freeze_language_model")
+    if cfg.export.enabled and cfg.export.format != "merged":
+        errors += _adapter_export_errors(cfg)
     if cfg.data.seq_length > hf.max_position_embeddings:
         errors.append(f"data.seq_length={cfg.data.seq_length} exceeds the model's max_position_embeddings "
                       f"{hf.max_position_embeddings}")
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     return dp
+
+
+def _adapter_export_errors(cfg: RunConfig) -> list[str]:
+    """Why ``export.format`` (adapter / both) cannot be written for this run's PEFT settings, if it cannot."""
+    from gemma4vl.bridge.adapters import peft_format_problems
+
+    if cfg.peft.method != "lora":
+        return [f"export.format={cfg.export.format!r} writes a LoRA adapter: it needs peft.method=lora"]
+    return [f"export.format={cfg.export.format!r}: {problem}" for problem in
+            peft_format_problems(cfg.peft.target_modules)]

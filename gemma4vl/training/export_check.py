@@ -29,12 +29,17 @@ def megatron_logits(model, probe, image_token_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hf_logits(export_dir: str | Path, probe, image_token_id: int) -> torch.Tensor:
-    """The same logits from the export, reloaded with transformers (float32, eager attention)."""
+def hf_logits(export_dir: str | Path, probe, image_token_id: int, adapter_dir: str | Path | None = None) -> torch.Tensor:
+    """The same logits from the export, reloaded with transformers (float32, eager attention); with
+    ``adapter_dir``: ``export_dir`` is the base checkpoint and the PEFT adapter is loaded onto it."""
     from transformers import Gemma4ForConditionalGeneration
 
     model = Gemma4ForConditionalGeneration.from_pretrained(str(export_dir), dtype=torch.float32,
                                                            attn_implementation="eager").eval()
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     ids = torch.as_tensor(probe.prompt_ids, dtype=torch.long)[None]
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_token_id).long())
     if probe.pixel_values is not None:
@@ -42,19 +47,49 @@ def hf_logits(export_dir: str | Path, probe, image_token_id: int) -> torch.Tenso
     return model(**kwargs).logits.float()
 
 
-def verify_export_logits(model, probe, image_token_id: int, export_dir, run_dir, atol: float) -> float | None:
-    """Compare (see module docstring); rank 0 records ``{"export_max_logit_diff": ...}`` in metrics.jsonl and
-    raises if the difference exceeds ``atol``. Returns the difference on rank 0, None elsewhere."""
+def verify_export_logits(model, probe, image_token_id: int, export_dir, run_dir, atol: float,
+                         adapter_dir=None) -> float | None:
+    """Compare (see module docstring); rank 0 records ``{"export_max_logit_diff": ...}`` (with ``adapter_dir``:
+    ``adapter_max_logit_diff``, the PEFT adapter loaded onto the base checkpoint ``export_dir``) in metrics.jsonl
+    and raises if the difference exceeds ``atol``. Returns the difference on rank 0, None elsewhere."""
     ours = megatron_logits(model, probe, image_token_id)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    theirs = hf_logits(export_dir, probe, image_token_id)
+    theirs = hf_logits(export_dir, probe, image_token_id, adapter_dir=adapter_dir)
     diff = (ours - theirs).abs().max().item()
+    kind, what = ("adapter", f"the PEFT adapter {adapter_dir} on {export_dir}") if adapter_dir else (
+        "export", f"the export in {export_dir}")
     with (Path(run_dir) / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"export_max_logit_diff": diff, "export_logit_scale": theirs.abs().max().item()}) + "\n")
-    print(f"export check: max |logit difference| between the trained model and the reloaded export: {diff:.3g} "
+        f.write(json.dumps({f"{kind}_max_logit_diff": diff, f"{kind}_logit_scale": theirs.abs().max().item()}) + "\n")
+    print(f"{kind} check: max |logit difference| between the trained model and {what}: {diff:.3g} "
           f"(tolerance {atol:g})", flush=True)
     if diff > atol:
-        raise RuntimeError(f"the export in {export_dir} does not reproduce the trained model: max |logit "
-                           f"difference| {diff:.3g} > {atol:g}")
+        raise RuntimeError(f"{what} does not reproduce the trained model: max |logit difference| "
+                           f"{diff:.3g} > {atol:g}")
     return diff
+
+
+def synthetic_probe(hf_dir: str | Path, seed: int = 0, text_tokens: int = 24):
+    """(probe, image token id): a deterministic prompt for checking an export without the run's data: random text
+    tokens around one random image (a square of ``2k x 2k`` patches, so 4 soft tokens with pooling ``k``)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    vision = config.vision_config
+    p, k = vision.patch_size, vision.pooling_kernel_size
+    side = 2 * k
+    g = torch.Generator().manual_seed(seed)
+    special = {config.image_token_id, config.boi_token_id, config.eoi_token_id, config.video_token_id,
+               config.audio_token_id, config.text_config.pad_token_id}
+    ids = torch.randint(4, config.text_config.vocab_size, (text_tokens,), generator=g)
+    for token in special:
+        ids[ids == token] = 5
+    image = [config.boi_token_id] + [config.image_token_id] * (side * side // (k * k)) + [config.eoi_token_id]
+    prompt = torch.cat([ids[:4], torch.tensor(image), ids[4:]])
+    pixels = torch.rand(1, side * side, 3 * p * p, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([xx.flatten(), yy.flatten()], -1)[None]
+    return SimpleNamespace(prompt_ids=prompt.numpy(), pixel_values=pixels, image_position_ids=positions), \
+        config.image_token_id

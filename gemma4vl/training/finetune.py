@@ -4,7 +4,8 @@
    checkpoint's config read and the run config validated (before any weight is read), resume detection;
 2. train: Megatron-Bridge's ``setup`` (model built with the HF weights imported through our bridge, or restored
    from the newest checkpoint), ``train`` with our forward step, evaluation and periodic checkpoints;
-3. save: the HF export (un-fused with the trained norms, verified, written atomically) into ``<run_dir>/hf_export``;
+3. save: the HF export (un-fused with the trained norms, verified, written atomically) into ``<run_dir>/hf_export``,
+   and / or for LoRA runs the PEFT adapter into ``<run_dir>/hf_adapter`` (``export.format``);
 4. cleanup: Megatron-Bridge's finish (async saves, loggers) and the process group.
 
 Works as one process or under ``torchrun`` (one process per device).
@@ -56,7 +57,8 @@ class FinetuneResult:
     """The checkpointed step this process resumed from, or None."""
 
     export_dir: Path | None
-    """The verified HF export, or None when export is disabled."""
+    """The verified HF export (the PEFT adapter with ``export.format=adapter``), or None when export is
+    disabled."""
 
     preempted: bool
     """True when a signal stopped the run early (a checkpoint was saved)."""
@@ -147,6 +149,7 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
         _truncate_metrics(run_dir, resumed_from or 0)
         recover_interrupted_export(Path(cfg.export.dir))
+        recover_interrupted_export(Path(cfg.export.adapter_dir))
         if resumed_from is not None:
             print(f"resuming from the checkpoint of step {resumed_from} in {cfg.checkpoint.dir}", flush=True)
     _barrier()
@@ -195,6 +198,7 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     if answers is not None:
         callbacks.add(answers)
     out = setup(state, get_dataset_provider(container.dataset), callback_manager=callbacks)
+    _log_parameter_counts(cfg, out.model)
     _translate_sigusr1()
     state = out.state
     state.checkpoint_manager = out.checkpoint_manager
@@ -289,19 +293,26 @@ def _translate_sigusr1() -> None:
 
 def _export(cfg: RunConfig, state, model) -> Path | None:
     from gemma4vl.config.validate import parse_size
-    from gemma4vl.export import export_hf_checkpoint
+    from gemma4vl.export import export_hf_adapter, export_hf_checkpoint
 
-    report = export_hf_checkpoint(state.auto_bridge, model, cfg.export.dir, dtype=_export_dtype(cfg),
-                                  max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True)
-    if report is not None:
-        print(f"exported {report.num_tensors} tensors ({report.num_bytes / 1e9:.2f} GB, {report.dtype}) to "
-              f"{report.path} in {report.seconds:.1f} s; verified", flush=True)
+    if cfg.export.format in ("merged", "both"):
+        report = export_hf_checkpoint(state.auto_bridge, model, cfg.export.dir, dtype=_export_dtype(cfg),
+                                      max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True)
+        if report is not None:
+            print(f"exported {report.num_tensors} tensors ({report.num_bytes / 1e9:.2f} GB, {report.dtype}) to "
+                  f"{report.path} in {report.seconds:.1f} s; verified", flush=True)
+    if cfg.export.format in ("adapter", "both"):
+        adapter = export_hf_adapter(state.auto_bridge, model, cfg.export.adapter_dir, state.cfg.peft, overwrite=True)
+        if adapter is not None:
+            print(f"exported the LoRA adapter ({adapter.num_parameters:,} parameters on "
+                  f"{len(adapter.target_modules)} modules) to {adapter.path} in {adapter.seconds:.1f} s; verified",
+                  flush=True)
     if cfg.export.verify_logits:
-        _verify_export_logits(cfg, model)
-    return Path(cfg.export.dir)
+        _verify_export_logits(cfg, state.auto_bridge, model)
+    return Path(cfg.export.adapter_dir if cfg.export.format == "adapter" else cfg.export.dir)
 
 
-def _verify_export_logits(cfg: RunConfig, model) -> None:
+def _verify_export_logits(cfg: RunConfig, auto_bridge, model) -> None:
     from megatron.core.utils import unwrap_model
 
     from gemma4vl.bridge import read_hf_config
@@ -313,14 +324,57 @@ def _verify_export_logits(cfg: RunConfig, model) -> None:
     probes = load_probes(cfg.data, 1)
     if not probes:
         raise ValueError("export.verify_logits needs a validation split (data.validation_split)")
-    image_token_id = read_hf_config(resolve_hf_path(cfg.model.hf_path)).arch.image_token_id
+    hf_dir = resolve_hf_path(cfg.model.hf_path)
+    image_token_id = read_hf_config(hf_dir).arch.image_token_id
     atol = 1e-4 if cfg.trainer.precision == "fp32" else None
     chunk = unwrap_model(model)[0]
     if atol is None:  # bf16: relative to the logit range
         from gemma4vl.training.export_check import megatron_logits
 
         atol = 0.05 * megatron_logits(chunk, probes[0], image_token_id).abs().max().item()
-    verify_export_logits(chunk, probes[0], image_token_id, cfg.export.dir, cfg.run_dir, atol)
+    if cfg.export.format in ("merged", "both"):
+        verify_export_logits(chunk, probes[0], image_token_id, cfg.export.dir, cfg.run_dir, atol)
+    if cfg.export.format in ("adapter", "both"):
+        _verify_base_unchanged(cfg, auto_bridge, model)
+        verify_export_logits(chunk, probes[0], image_token_id, hf_dir, cfg.run_dir, atol,
+                             adapter_dir=cfg.export.adapter_dir)
+
+
+def _verify_base_unchanged(cfg: RunConfig, auto_bridge, model) -> None:
+    """The adapter is loaded onto the source checkpoint: check the trained model's base weights are still its
+    tensors, bit for bit (recorded as ``adapter_base_tensors_identical`` in metrics.jsonl)."""
+    import json
+
+    from gemma4vl.export.adapter_export import base_differences
+
+    compared, differing = base_differences(auto_bridge, model)
+    if _rank() != 0:
+        return
+    with (Path(cfg.run_dir) / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"adapter_base_tensors_identical": compared - len(differing),
+                            "adapter_base_tensors_differing": differing[:20]}) + "\n")
+    print(f"adapter check: {compared - len(differing)} of {compared} base tensors equal the source checkpoint's, "
+          "bit for bit", flush=True)
+    if differing:
+        raise RuntimeError(f"the trained model's base weights differ from {cfg.model.hf_path}: {differing[:5]}; the "
+                           "adapter alone does not reproduce it")
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters of this rank's model chunks."""
+    from megatron.core.utils import unwrap_model
+
+    params = [p for chunk in unwrap_model(model) for p in chunk.parameters()]
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _log_parameter_counts(cfg: RunConfig, model) -> None:
+    trainable, total = parameter_counts(model)
+    if _rank() == 0:
+        where = " on rank 0" if dist.is_initialized() and dist.get_world_size() > 1 else ""
+        what = " (LoRA adapters)" if cfg.peft.method != "none" else ""
+        print(f"trainable parameters{where}: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%){what}",
+              flush=True)
 
 
 def _finish(state) -> None:

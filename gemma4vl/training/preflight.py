@@ -49,6 +49,8 @@ def check_outputs(cfg: RunConfig) -> None:
         _writable_dir("checkpoint.dir", Path(cfg.checkpoint.dir))
     if cfg.export.enabled:
         _writable_dir("export.dir (its parent)", Path(cfg.export.dir).expanduser().absolute().parent)
+    if cfg.export.enabled and cfg.export.format != "merged":
+        _writable_dir("export.adapter_dir (its parent)", Path(cfg.export.adapter_dir).expanduser().absolute().parent)
 
 
 def _inputs(cfg: RunConfig, hf_dir: Path) -> dict[str, Path]:
@@ -71,15 +73,17 @@ def check_outputs_apart_from_inputs(cfg: RunConfig, hf_dir: Path) -> None:
     outputs = {"run_dir": Path(cfg.run_dir), "checkpoint.dir": Path(cfg.checkpoint.dir)}
     if cfg.export.enabled:
         outputs["export.dir"] = Path(cfg.export.dir)
+    if cfg.export.enabled and cfg.export.format != "merged":
+        outputs["export.adapter_dir"] = Path(cfg.export.adapter_dir)
     for out_key, out in outputs.items():
         out = out.expanduser().resolve()
         for in_key, src in inputs.items():
             if _inside(out, src):
                 raise ConfigError(f"{out_key}={out} is inside the input {in_key}={src}: gemma4vl never writes into "
                                   "an input directory; choose an output directory elsewhere")
-            if out_key == "export.dir" and _inside(src, out):
-                raise ConfigError(f"export.dir={out} contains the input {in_key}={src}, and the export replaces "
-                                  "export.dir whole; choose another export.dir")
+            if out_key.startswith("export.") and _inside(src, out):
+                raise ConfigError(f"{out_key}={out} contains the input {in_key}={src}, and the export replaces "
+                                  f"{out_key} whole; choose another {out_key}")
 
 
 def check_data(d: DataConfig) -> None:
