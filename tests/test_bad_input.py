@@ -44,7 +44,7 @@ def tree_digest(root: Path) -> dict[str, str]:
     ("trainer.log_interval=0", "trainer.log_interval=0 must be >= 1"),
     ("trainer.eval_interval=0", "trainer.eval_interval=0 must be >= 1, or null"),
     ("trainer.eval_iters=0", "trainer.eval_iters=0 must be >= 1"),
-    ("optim.lr=-1e-4", "optim.lr=-0.0001 must be > 0"),
+    ("optim.lr=-1e-4", "optim.lr=-0.0001 must be >= 0"),
     ("optim.min_lr=-1e-6", "optim.min_lr=-1e-06 must be in [0, optim.lr=0.002]"),
     ("optim.min_lr=0.5", "optim.min_lr=0.5 must be in [0, optim.lr=0.002]"),
     ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
@@ -395,7 +395,7 @@ def _case_inputs(tmp: Path, demo_rows: Path) -> dict[str, Path]:
 # Every out-of-range value is covered by the library-level table above; these show the recipe's exit path.
 RECIPE_CASES = [
     (["trainer.micro_batch_size=0"], "trainer.micro_batch_size=0 must be >= 1"),
-    (["optim.lr=-1e-4", "optim.min_lr=-1e-6"], "optim.lr=-0.0001 must be > 0"),
+    (["optim.lr=-1e-4", "optim.min_lr=-1e-6"], "optim.lr=-0.0001 must be >= 0"),
     (["checkpoint.save_interval=0"], "checkpoint.save_interval=0 must be >= 1, or null"),
     (["hydra.run.dir={done}", "trainer.train_iters=4"],
      "learning-rate decay iterations from trainer.train_iters (optim.decay_iters=null): 4 now, 2 in the checkpoint"),

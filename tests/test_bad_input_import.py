@@ -177,8 +177,8 @@ def test_full_finetuning_imports_weights_megatron_bridge_would_skip(ckpt, tmp_pa
     write_demo_dataset(data, num_train=16, num_val=4, overwrite=True)
     before = snapshot(ckpt)
     run_dir = tmp_path / "run"
-    args = [f"hydra.run.dir={run_dir}", f"model.hf_path={ckpt}", "model.generate_fixture=null", f"data.path={data}",
-            "data.generate_demo=false", "data.seq_length=512", "data.num_workers=0", "data.persistent_workers=false",
+    args = [f"hydra.run.dir={run_dir}", f"model.hf_path={ckpt}", f"data.path={data}",
+            "data.seq_length=512", "data.num_workers=0", "data.persistent_workers=false",
             "trainer.train_iters=1", "trainer.global_batch_size=2", "trainer.log_interval=1",
             "trainer.eval_interval=null", "checkpoint.save_interval=1", "checkpoint.keep_last=null",
             "optim.lr=0", "optim.min_lr=0", "optim.warmup_iters=0"]

@@ -69,7 +69,7 @@ def _ranges(cfg: RunConfig) -> list[str]:
         ("trainer.eval_interval", t.eval_interval, t.eval_interval is None or t.eval_interval >= 1,
          ">= 1, or null for no evaluation"),
         ("trainer.eval_iters", t.eval_iters, t.eval_iters >= 1, ">= 1"),
-        ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
         ("optim.min_lr", o.min_lr, 0 <= o.min_lr <= max(o.lr, 0), f"in [0, optim.lr={o.lr}]"),
         ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
         ("optim.adam_beta1", o.adam_beta1, 0 <= o.adam_beta1 < 1, "in [0, 1)"),
