@@ -95,6 +95,9 @@ def test_every_experiment_validates_and_builds_a_config_container(experiment, hf
     assert container.checkpoint.save == str(Path(run.run_dir) / "checkpoints")
     assert container.dataset.seq_length == run.data.seq_length
     assert (container.peft is not None) == (run.peft.method == "lora")
+    # Megatron's parallel groups wait as long as the default process group (a large save keeps ranks apart).
+    assert container.dist.distributed_timeout_minutes == run.trainer.distributed_timeout_minutes == 90
+    assert container.train.exit_signal_handler_for_dataloader == run.trainer.exit_on_signal
 
 
 def _parallel_matches(cfg, option):

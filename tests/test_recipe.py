@@ -47,7 +47,9 @@ def start(args, launcher=("-m", "recipes.finetune")):
     run_dir = Path(_run_dir(args))
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {**os.environ, "PYTHON": sys.executable}  # the launchers' python: this environment's, not PATH's
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
     proc.log_path = log.name
     return proc
 

@@ -146,6 +146,9 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
             micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size,
             exit_signal_handler=t.exit_on_signal,
+            # Data-loader workers keep running on SIGTERM (torch's own worker handler exits on a SIGTERM that does
+            # not come from the parent, and Slurm signals every process of a step): the trainer stops them itself.
+            exit_signal_handler_for_dataloader=t.exit_on_signal,
         ),
         validation=ValidationConfig(eval_interval=t.eval_interval, eval_iters=t.eval_iters if t.eval_interval else 0),
         model=provider,
@@ -191,6 +194,7 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
             ckpt_format="torch_dist",
             async_save=False,
         ),
-        dist=DistributedInitConfig(distributed_backend="gloo" if t.device == "cpu" else "nccl"),
+        dist=DistributedInitConfig(distributed_backend="gloo" if t.device == "cpu" else "nccl",
+                                   distributed_timeout_minutes=t.distributed_timeout_minutes),
         peft=_peft(cfg),
     )

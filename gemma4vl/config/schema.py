@@ -179,6 +179,13 @@ class TrainerConfig:
     """On SIGTERM / SIGUSR1: save a checkpoint and exit with status 75 (``EXIT_PREEMPTED``, see docs/training.md),
     so Slurm can requeue."""
 
+    distributed_timeout_minutes: int = 90
+    """How long a collective waits for the other ranks before it fails, in minutes (the default process group and
+    Megatron's parallel groups). It must exceed the longest time ranks spend apart: saving a checkpoint of
+    gemma-4-26B-A4B with its optimizer state can take over 10 minutes (Megatron-Bridge's own 26B recipe uses 90).
+    Under launch/finetune.sh a rank that crashed does not leave the others waiting this long: srun stops them
+    after the launcher's shutdown window (docs/slurm.md)."""
+
 
 @dataclass
 class LoggerConfig:

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -73,19 +74,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def init_process_group(device: str) -> None:
+def init_process_group(device: str, timeout_minutes: int) -> None:
     """The default process group, gloo on CPU, NCCL on GPUs: from torchrun's rendezvous variables when launched by
     torchrun / srun, else a 1-process group over an in-memory store (no TCP port, so concurrent single-process
-    runs on one machine cannot collide)."""
+    runs on one machine cannot collide). Collectives wait ``timeout_minutes`` for the other ranks
+    (``trainer.distributed_timeout_minutes``)."""
     if dist.is_initialized():
         return
+    if timeout_minutes < 1:
+        raise ValueError(f"trainer.distributed_timeout_minutes={timeout_minutes} must be >= 1")
     backend = "gloo" if device == "cpu" else "nccl"
+    timeout = timedelta(minutes=timeout_minutes)
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "MASTER_ADDR" in os.environ:  # launched by torchrun (or another launcher that sets the rendezvous)
-        dist.init_process_group(backend=backend)
+    if "MASTER_ADDR" in os.environ:  # launched by torchrun or launch/finetune.sh (srun), which set the rendezvous
+        dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def resolve_hf_path(path: str) -> Path:
@@ -96,7 +101,7 @@ def resolve_hf_path(path: str) -> Path:
         return local
     if local.is_dir():
         raise ConfigError(f"model.hf_path={path}: the directory has no config.json (expected a Hugging Face "
-                                "checkpoint: config.json, model*.safetensors, processor files; an incomplete copy?)")
+                          "checkpoint: config.json, model*.safetensors, processor files; an incomplete copy?)")
     if local.exists():
         raise ConfigError(f"model.hf_path={path}: not a directory (expected a Hugging Face checkpoint dir)")
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
@@ -107,7 +112,7 @@ def resolve_hf_path(path: str) -> Path:
         return Path(snapshot_download(repo_id=path))
     except Exception as e:  # noqa: BLE001 - offline, unknown id, gated ...
         raise ConfigError(f"model.hf_path={path}: no such local directory, and downloading it as a hub id "
-                                f"failed ({type(e).__name__}: {e})") from e
+                          f"failed ({type(e).__name__}: {e})") from e
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
@@ -133,7 +138,7 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
     from gemma4vl.config.validate import validate
 
     setup_runtime(cfg.trainer.device)
-    init_process_group(cfg.trainer.device)
+    init_process_group(cfg.trainer.device, cfg.trainer.distributed_timeout_minutes)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     run_dir = Path(cfg.run_dir)
     if _rank() == 0:
@@ -184,7 +189,10 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     container = build_config_container(cfg, auto_bridge, resume=resume)
     runtime_config_update(container)
     state = GlobalState()
-    state.cfg = container
+    state.cfg = container  # installs Megatron-Bridge's SIGTERM handler
+    # Before setup: a signal during setup is honoured, and the data-loader workers setup forks inherit the handler
+    # (with the default action, the SIGUSR1 Slurm sends to every process of a step ended them, and the run).
+    _translate_sigusr1()
     state.auto_bridge = auto_bridge
     if cfg.logger.backend == "wandb":
         state._wandb_logger = init_wandb(cfg)
@@ -199,7 +207,6 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
         callbacks.add(answers)
     out = setup(state, get_dataset_provider(container.dataset), callback_manager=callbacks)
     _log_parameter_counts(cfg, out.model)
-    _translate_sigusr1()
     state = out.state
     state.checkpoint_manager = out.checkpoint_manager
     preempted = False
@@ -287,8 +294,15 @@ def validation_answers_callback(cfg: RunConfig, hf_dir: Path):
 
 def _translate_sigusr1() -> None:
     """Megatron-Bridge's exit handler listens for one signal (SIGTERM); Slurm's advance warning is often SIGUSR1.
-    Deliver SIGUSR1 as SIGTERM so both stop the run the same way (checkpoint, then exit status 75)."""
-    signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    Deliver SIGUSR1 as SIGTERM so both stop the run the same way (checkpoint, then exit status 75), while that
+    handler is installed: once Megatron-Bridge has restored SIGTERM's default (or with trainer.exit_on_signal=false)
+    a SIGUSR1, e.g. the launcher repeating one, is dropped instead of ending the process."""
+
+    def handler(signum, frame):
+        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGUSR1, handler)
 
 
 def _export(cfg: RunConfig, state, model) -> Path | None:
