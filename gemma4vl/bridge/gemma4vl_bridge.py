@@ -10,8 +10,9 @@ class adds, on top of the declarative table in :mod:`gemma4vl.bridge.layout`:
   checkpoint tensor and vice versa;
 - the MoE fusions (:mod:`gemma4vl.bridge.fusion`) on import, and their inverses on export using the model's
   current norm weights; K=V synthesis (:class:`~gemma4vl.bridge.mappings.KEqualsVQKVMapping`);
-- streaming import: each tensor is read when its task runs, and a grouped expert tensor is dropped as soon as
-  the last expert that needs it is loaded (peak host memory: the model plus about one layer's experts).
+- streaming import: each tensor is read when its task runs and its pages are released after the copy; a
+  grouped expert tensor (all experts of a layer) is read by the one task of its grouped parameter, which
+  copies only this rank's experts (:class:`~gemma4vl.bridge.mappings.GroupedExpertMapping`).
 """
 
 from __future__ import annotations
@@ -149,30 +150,13 @@ class Gemma4VLBridge(MegatronModelBridge):
         tasks = [t for t in self.build_conversion_tasks(hf_pretrained, unwrapped) if t is not None]
         state = MmapCheckpoint(self.gemma4_config().path.parent)
         local = [t for t in tasks if t.megatron_module is not None]
-        # Grouped (all-experts) tensors are read once and dropped after their last local use.
-        uses: Dict[str, int] = {}
-        for t in local:
-            if getattr(t.mapping, "is_grouped_export", False):
-                uses[str(t.mapping.hf_param)] = uses.get(str(t.mapping.hf_param), 0) + 1
-        grouped: Dict[str, torch.Tensor] = {}
         copier = _ParallelCopier(state)
         for task in local:
-            key = str(task.mapping.hf_param)
-            if key in uses:
-                if key not in grouped:
-                    grouped[key], unfused = self._read(task.mapping.hf_param, state)
-                    assert unfused is None, f"grouped tensor {key} has a fusion"
-                hf_weights = grouped[key]
-                uses[key] -= 1
-                if uses[key] == 0:
-                    del grouped[key]
-                factor = None
-            else:
-                # A fused tensor (router, shared expert) arrives unfused with its per-column factor; the copy
-                # thread fuses it into the parameter (see fusion.fuse_into), off this thread.
-                hf_weights, factor = self._read(task.mapping.hf_param, state)
+            # A fused tensor (router, shared expert) arrives unfused with its per-column factor; the copy
+            # thread fuses it into the parameter (see fusion.fuse_into), off this thread.
+            hf_weights, factor = self._read(task.mapping.hf_param, state)
             sources = list(hf_weights.values()) if isinstance(hf_weights, dict) else [hf_weights]
-            done = [] if key in grouped else sources
+            done = sources
             plan = self._copy_plan(task, hf_weights)
             if plan is not None:
                 copier.copy(plan, release=done, factor=factor)
@@ -271,25 +255,6 @@ class Gemma4VLBridge(MegatronModelBridge):
                 out[name] = result
                 del state.pending[name]
         return out
-
-    def _accumulate_grouped_export(self, task, converted_weights_dict, model_config, grouped_buffers, hf_state_dict):
-        """Stream grouped (all-experts) HF tensors expert by expert: ``<name>#<expert>`` is slice ``expert`` of
-        tensor ``name`` (see :func:`split_expert_slice`). Nothing is assembled in memory; the exporter writes each
-        slice to its place in the shard."""
-        from megatron.bridge.utils.common_utils import extract_expert_number_from_param
-        from megatron.core import parallel_state
-
-        ep_size = parallel_state.get_expert_model_parallel_world_size()
-        per_rank = model_config.num_moe_experts // ep_size
-        local = extract_expert_number_from_param(task.param_name) % per_rank
-        slices: Dict[str, torch.Tensor] = {}
-        for key, value in converted_weights_dict.items():
-            if ep_size > 1 and value.shape[0] == ep_size:  # gathered over expert-parallel ranks
-                for i in range(ep_size):
-                    slices[f"{key}{EXPERT_SLICE}{local + i * per_rank}"] = value[i]
-            else:
-                slices[f"{key}{EXPERT_SLICE}{local}"] = value
-        return slices or None
 
     def _unfuse(self, name: str, hf_state_dict) -> torch.Tensor | None:
         state = self._unfusion
