@@ -66,6 +66,22 @@ class _PerExpertLinear(torch.autograd.Function):
         return (grad_weight, *grad_inputs)
 
 
+class _ZeroGradOfEmptyExperts(torch.autograd.Function):
+    """Identity on the grouped weight; its gradient is zeroed for experts that got no tokens. On Hopper
+    ``grouped_mm``'s backward already writes zeros there; on Blackwell it has been seen to write garbage
+    (pytorch/pytorch#172439), which DDP would add to the gradient."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, has_tokens: torch.Tensor):
+        ctx.save_for_backward(has_tokens)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (has_tokens,) = ctx.saved_tensors
+        return grad * has_tokens.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype), None
+
+
 class Gemma4GroupedExperts(MegatronModule):
     """Routed experts of one MoE layer (``ExpertsInterface`` of Megatron-Core's ``MoELayer``)."""
 
@@ -145,14 +161,17 @@ class Gemma4GroupedExperts(MegatronModule):
     def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                         probs: torch.Tensor) -> torch.Tensor:
         """One grouped GEMM per projection (CUDA, bf16)."""
-        ends = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
-        if ends.device != x.device:  # the dispatcher's host copy: async upload, no sync
-            ends = ends.pin_memory().to(x.device, non_blocking=True)
+        counts = tokens_per_expert
+        if counts.device != x.device:  # the dispatcher's host copy: asynchronous upload, no sync
+            counts = counts.pin_memory().to(x.device, non_blocking=True)
+        ends = torch.cumsum(counts, dim=0).to(torch.int32)
+        has_tokens = counts > 0
         experts, _, width, hidden = self.fc1_weight.shape
-        fc1 = self.fc1_weight.view(experts, 2 * width, hidden)
+        fc1 = _ZeroGradOfEmptyExperts.apply(self.fc1_weight, has_tokens).view(experts, 2 * width, hidden)
+        fc2 = _ZeroGradOfEmptyExperts.apply(self.fc2_weight, has_tokens)
         fc1_out = F.grouped_mm(x, fc1.transpose(1, 2), offs=ends)
         activated = self._activate(fc1_out, probs)
-        return F.grouped_mm(activated, self.fc2_weight.transpose(1, 2), offs=ends)
+        return F.grouped_mm(activated, fc2.transpose(1, 2), offs=ends)
 
     def backward_dw(self) -> None:
         """Deferred weight gradients are not used (``delay_wgrad_compute`` is off)."""
