@@ -8,7 +8,8 @@ the tensors our layers keep for backward (tests/test_memory_plan.py compares one
 saves on CPU), not a GPU measurement: ``bench/gpu_step.py`` should compare it with ``max_memory_allocated``.
 
 Worst rank of the layout: pipeline stage 0 is assumed to hold the embedding, the vision tower and
-``num_layers / PP`` decoder layers (an overestimate for later stages).
+``num_layers / PP`` decoder layers (an overestimate for later stages). Not counted: activations of a trainable
+vision tower (the shipped 26B layouts freeze it or train LoRA adapters of the language model only).
 """
 
 from __future__ import annotations
@@ -156,40 +157,47 @@ class MemoryPlan:
 
 
 def layer_activation_bytes(hf: Gemma4HFConfig, layer_type: str, micro_batch: int, seq: int, act_bytes: int,
-                           tp: int = 1, sequence_parallel: bool = False) -> dict[str, float]:
-    """Bytes one decoder layer keeps for backward (no recompute), by part: ``attention`` (input norm through the
-    residual add, the dense S x S mask bias of SDPA included), ``mlp`` (pre-MLP norm through the layer output:
-    router, dispatched tokens, routed experts, shared expert, post-norms).
+                           tp: int = 1, sequence_parallel: bool = False,
+                           expert_imbalance: float = EXPERT_IMBALANCE) -> dict[str, float]:
+    """Bytes one decoder layer keeps for backward without recompute (weights excluded), by part:
+    ``attention`` (input norm through the post-attention norm, the dense S x S mask bias of SDPA included) and
+    ``mlp`` (pre-MLP norm through the layer output: router, dispatched tokens, routed experts, shared expert,
+    post-norms). An inventory of what autograd saves in our layers (tests/test_memory_plan.py measures it):
 
-    Each RMSNorm keeps its fp32 input and normalised values (8 bytes per element; 4 in fp32 training, where the
-    fp32 input is the bf16 input itself)."""
+    - an RMSNorm keeps its fp32 input and normalised values (2 x 4 B per element) and the fp32 rsqrt per row;
+      the scaleless v norm only the fp32 input;
+    - a linear keeps its input (the previous op's output, in the activation dtype);
+    - gated MLPs keep fc1's output (2I), the activation output, the ``+ offset`` result and the product (3I);
+      routed experts also their probability-scaled product (I);
+    - SDPA keeps q, the repeated k and v, and the float mask bias [b, 1, s, s]."""
     spec = hf.arch.attention(layer_type)
     t = micro_batch * seq
     t_sp = t / tp if sequence_parallel else t  # tokens of the H-wide tensors on this rank
-    h, a = hf.hidden_size, act_bytes
-    norm = 8 if a == 2 else 4
-    qd = hf.num_attention_heads * spec.head_dim / tp
-    kd = spec.num_kv_heads * spec.head_dim / tp
+    h, a, f = hf.hidden_size, act_bytes, 4
+    heads, kv_heads = hf.num_attention_heads / tp, spec.num_kv_heads / tp
+    qd, kd = heads * spec.head_dim, kv_heads * spec.head_dim
+
+    def norm(width: float, rows: float) -> float:
+        return 2 * f * width * rows + f * rows
+
     attention = (
-        t_sp * h * (norm + a)                      # input norm: fp32 input + normalised; output (qkv input)
-        + t * a * (qd + 2 * kd)                    # qkv output
-        + t * norm * (qd + 2 * kd)                 # q, k norms and the scaleless v norm
-        + t * a * 2 * (qd + kd)                    # RoPE inputs and outputs of q, k
-        + t * a * 2 * qd                           # K and V repeated to every query head (SDPA inputs)
-        + t * a * qd + t * 4 * hf.num_attention_heads / tp  # SDPA output, log-sum-exp
-        + micro_batch * seq * seq * (1 + a)        # inverted bool mask and its additive bias (dense SDPA path)
-        + t * a * qd                               # output projection input
-        + t_sp * h * (norm + a + a)                # post-attention norm, residual sum
+        norm(h, t_sp) + t * h * a                        # input norm; qkv input
+        + norm(qd, t) + f * t * heads                    # q norm (per head rows); its fp32 rsqrt per head
+        + norm(kd, t) + f * t * kd + 2 * f * t * kv_heads  # k norm; scaleless v norm
+        + 4 * t * spec.head_dim * a                      # RoPE cos / sin of q and k
+        + 3 * t * qd * a + f * t * heads                 # SDPA: q, repeated k and v; log-sum-exp
+        + micro_batch * seq * seq * a                    # the dense mask as a float bias
+        + t * qd * a                                     # output projection input
+        + norm(h, t_sp)                                  # post-attention norm
     )
+    shared = t * a * 5 * hf.intermediate_size / tp      # fc1 out (2I), act, offset, product (3I)
     if hf.arch.enable_moe_block:
         k, e, i = hf.top_k_experts, hf.num_experts, hf.moe_intermediate_size
-        routed = EXPERT_IMBALANCE * t * k * a * (h + 5 * i)  # fc1 input; fc1 out (2I), gelu, glu, probs
-        shared = t * a * 4 * hf.intermediate_size / tp
-        router = t * ((a + 9) * e + 32 * k)
-        mlp = (t_sp * h * (norm + a) + router + routed + shared
-               + 3 * t_sp * h * (norm + a) + t_sp * h * a)  # three post-norms; layer-scalar input
+        routed = expert_imbalance * t * k * a * (h + 6 * i)  # dispatched tokens; fc1 out, act, offset, product,
+        router = t * (h * a + (a + 8) * e + 8 * k)           # probability-scaled; router input, logits, probs
+        mlp = norm(h, t_sp) + router + routed + shared + 2 * norm(h, t_sp) + norm(h, t_sp)
     else:
-        mlp = t_sp * h * (norm + a) + t * a * 4 * hf.intermediate_size / tp + t_sp * h * (norm + 2 * a)
+        mlp = norm(h, t_sp) + t_sp * h * a + shared + norm(h, t_sp)
     return {"attention": attention, "mlp": mlp}
 
 
@@ -227,6 +235,7 @@ def plan_memory(cfg: RunConfig, hf: Gemma4HFConfig, world_size: int, *, fused_ad
     shard_dense = trainable_dense / dp if o.use_distributed_optimizer else trainable_dense
     shard_expert = trainable_expert / expert_dp if o.use_distributed_optimizer else trainable_expert
     shard = shard_dense + shard_expert
+    dp_opt, expert_dp_opt = (dp, expert_dp) if o.use_distributed_optimizer else (1, 1)
 
     lines = [
         MemoryLine("weights", (dense_local + expert_local + lora_local) * param_bytes,
@@ -236,9 +245,8 @@ def plan_memory(cfg: RunConfig, hf: Gemma4HFConfig, world_size: int, *, fused_ad
                    f"{grad_bytes} B x {(trainable_dense + trainable_expert) / 1e9:.3f}B trainable (DDP buffer, "
                    f"{'bf16' if grad_bytes == 2 else 'fp32'})"),
         MemoryLine("optimizer state", shard * (master + state),
-                   f"{master + state} B x ({shard_dense / 1e9:.3f}B dense / DP {dp if o.use_distributed_optimizer else 1}"
-                   f" + {shard_expert / 1e9:.3f}B expert / expert-DP "
-                   f"{expert_dp if o.use_distributed_optimizer else 1})"),
+                   f"{master + state} B x ({shard_dense / 1e9:.3f}B dense / DP {dp_opt}"
+                   f" + {shard_expert / 1e9:.3f}B expert / expert-DP {expert_dp_opt})"),
     ]
 
     # Activations of one micro batch on this rank.
@@ -286,6 +294,9 @@ def plan_memory(cfg: RunConfig, hf: Gemma4HFConfig, world_size: int, *, fused_ad
         f"parameters: {counts.total / 1e9:.3f}B ({counts.experts / 1e9:.3f}B routed experts, "
         f"{counts.vision_tower / 1e6:.1f}M vision tower), {counts.lora / 1e6:.2f}M adapters; per GPU "
         f"{(dense_local + expert_local) / 1e9:.3f}B, trainable {(trainable_dense + trainable_expert) / 1e9:.3f}B",
+        f"peak = weights + grads + optimizer state + reserve + the larger of the training pass (activations kept "
+        f"+ the larger of one layer's backward and the loss peak: {train_peak / GIB:.2f} GiB) and the optimizer "
+        f"step ({step / GIB:.2f} GiB)",
     ]
     device = t.device_memory_gib * GIB if t.device_memory_gib is not None else None
     return MemoryPlan(header=header, lines=lines, peak_bytes=peak, device_bytes=device)
