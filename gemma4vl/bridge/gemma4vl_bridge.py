@@ -11,8 +11,9 @@ class adds, on top of the declarative table in :mod:`gemma4vl.bridge.layout`:
   have been written when the import ends, and every written parameter must be finite (naming the HF tensor);
 - the MoE fusions (:mod:`gemma4vl.bridge.fusion`) on import, and their inverses on export using the model's
   current norm weights; K=V synthesis (:class:`~gemma4vl.bridge.mappings.KEqualsVQKVMapping`);
-- streaming import: each tensor is read when its task runs, and a grouped expert tensor is dropped as soon as
-  the last expert that needs it is loaded (peak host memory: the model plus about one layer's experts).
+- streaming import: each tensor is read when its task runs and its pages are released after the copy; a
+  grouped expert tensor (all experts of a layer) is read by the one task of its grouped parameter, which
+  copies only this rank's experts (:class:`~gemma4vl.bridge.mappings.GroupedExpertMapping`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gemma4vl.bridge.checkpoint import (
     scan_checkpoint,
 )
 from gemma4vl.bridge.hf_config import Gemma4HFConfig, check_against_transformers, read_hf_config
+from gemma4vl.bridge.mappings import GroupedExpertMapping
 from gemma4vl.bridge.layout import (
     HF_LAYER,
     LM_HEAD,
@@ -179,35 +181,18 @@ class Gemma4VLBridge(Gemma4AdapterBridge, MegatronModelBridge):
         tasks = [t for t in self.build_conversion_tasks(hf_pretrained, unwrapped) if t is not None]
         state = MmapCheckpoint(self.gemma4_config().path.parent)
         local = [t for t in tasks if t.megatron_module is not None]
-        # Grouped (all-experts) tensors are read once and dropped after their last local use.
-        uses: Dict[str, int] = {}
-        for t in local:
-            if getattr(t.mapping, "is_grouped_export", False):
-                uses[str(t.mapping.hf_param)] = uses.get(str(t.mapping.hf_param), 0) + 1
-        grouped: Dict[str, torch.Tensor] = {}
         copier = _ParallelCopier(state)
         written: set[int] = set()  # id() of every Megatron parameter a task wrote
         for task in local:
-            key = str(task.mapping.hf_param)
-            where = _source_name(task, grouped=key in uses)
-            if key in uses:
-                if key not in grouped:
-                    grouped[key], unfused = self._read(task.mapping.hf_param, state)
-                    assert unfused is None, f"grouped tensor {key} has a fusion"
-                hf_weights = grouped[key]
-                uses[key] -= 1
-                if uses[key] == 0:
-                    del grouped[key]
-                factor = None
-            else:
-                # A fused tensor (router, shared expert) arrives unfused with its per-column factor; the copy
-                # thread fuses it into the parameter (see fusion.fuse_into), off this thread.
-                hf_weights, factor = self._read(task.mapping.hf_param, state)
+            where, first_expert = _source_name(task), _first_local_expert(task)
+            # A fused tensor (router, shared expert) arrives unfused with its per-column factor; the copy
+            # thread fuses it into the parameter (see fusion.fuse_into), off this thread.
+            hf_weights, factor = self._read(task.mapping.hf_param, state)
             sources = list(hf_weights.values()) if isinstance(hf_weights, dict) else [hf_weights]
-            done = [] if key in grouped else sources
+            done = sources
             plan = self._copy_plan(task, hf_weights)
             if plan is not None:
-                copier.copy(plan, release=done, factor=factor, where=where)
+                copier.copy(plan, release=done, factor=factor, where=where, first_expert=first_expert)
                 written.add(id(task.param_weight))
             else:
                 converted = task.mapping.hf_to_megatron(hf_weights, task.megatron_module)
@@ -217,7 +202,7 @@ class Gemma4VLBridge(Gemma4AdapterBridge, MegatronModelBridge):
                             f"{task.mapping.hf_param} converts to shape {list(converted.shape)} but Megatron "
                             f"parameter {task.global_param_name} has shape {list(task.param_weight.shape)}")
                     copier.copy([(task.param_weight, converted)], release=[converted, *done], factor=factor,
-                                where=where)
+                                where=where, first_expert=first_expert)
                     written.add(id(task.param_weight))
                 del converted
             del hf_weights, sources, done, plan
@@ -333,25 +318,6 @@ class Gemma4VLBridge(Gemma4AdapterBridge, MegatronModelBridge):
                 del state.pending[name]
         return out
 
-    def _accumulate_grouped_export(self, task, converted_weights_dict, model_config, grouped_buffers, hf_state_dict):
-        """Stream grouped (all-experts) HF tensors expert by expert: ``<name>#<expert>`` is slice ``expert`` of
-        tensor ``name`` (see :func:`split_expert_slice`). Nothing is assembled in memory; the exporter writes each
-        slice to its place in the shard."""
-        from megatron.bridge.utils.common_utils import extract_expert_number_from_param
-        from megatron.core import parallel_state
-
-        ep_size = parallel_state.get_expert_model_parallel_world_size()
-        per_rank = model_config.num_moe_experts // ep_size
-        local = extract_expert_number_from_param(task.param_name) % per_rank
-        slices: Dict[str, torch.Tensor] = {}
-        for key, value in converted_weights_dict.items():
-            if ep_size > 1 and value.shape[0] == ep_size:  # gathered over expert-parallel ranks
-                for i in range(ep_size):
-                    slices[f"{key}{EXPERT_SLICE}{local + i * per_rank}"] = value[i]
-            else:
-                slices[f"{key}{EXPERT_SLICE}{local}"] = value
-        return slices or None
-
     def _unfuse(self, name: str, hf_state_dict) -> torch.Tensor | None:
         state = self._unfusion
         layer, local = layer_and_name(name)
@@ -410,15 +376,19 @@ class Gemma4VLBridge(Gemma4AdapterBridge, MegatronModelBridge):
         return {"q_proj": q, "k_proj": k, "v_proj": ABSENT_PROJECTION if spec.k_eq_v else v}
 
 
-def _source_name(task, grouped: bool) -> str:
-    """The HF tensor(s) a task reads, as named in errors (with the expert index for a grouped expert tensor)."""
+def _source_name(task) -> str:
+    """The HF tensor(s) a task reads and the Megatron parameter it writes, as named in errors."""
     hf = task.mapping.hf_param
     names = ", ".join(hf.values()) if isinstance(hf, dict) else str(hf)
-    if grouped:
-        from megatron.bridge.utils.common_utils import extract_expert_number_from_param
-
-        names += f" [expert {extract_expert_number_from_param(task.mapping.megatron_param)}]"
     return f"{names} -> Megatron parameter {task.global_param_name}"
+
+
+def _first_local_expert(task) -> int | None:
+    """For a grouped expert parameter [E_local, ...]: the global index of its first expert (EP rank r holds
+    experts r*E_local ...), so an error can name the expert; else None."""
+    if not isinstance(task.mapping, GroupedExpertMapping):
+        return None
+    return task.mapping.ep_rank * task.param_weight.shape[0]
 
 
 class _ParallelCopier:
@@ -437,7 +407,8 @@ class _ParallelCopier:
         self.pending: list = []
         self.max_pending = max_pending
 
-    def _copy(self, plan: list, release: list, factor: torch.Tensor | None, where: str) -> None:
+    def _copy(self, plan: list, release: list, factor: torch.Tensor | None, where: str,
+              first_expert: int | None = None) -> None:
         with torch.no_grad():
             for param, source in plan:
                 host_pages.populate(param, self.helper)
@@ -448,15 +419,20 @@ class _ParallelCopier:
                 # The destination, while its pages are still warm: catches non-finite values in the checkpoint
                 # and any that a fusion or a dtype narrowing (fp32 -> bf16 overflow) produced.
                 if param.is_floating_point() and not all_finite(param):
+                    if first_expert is not None:  # a grouped expert parameter: name the experts
+                        bad = [first_expert + i for i in range(param.shape[0]) if not all_finite(param[i])]
+                        raise CheckpointError(f"non-finite values (nan / inf) in {where} "
+                                              f"[expert {', '.join(map(str, bad))}]")
                     raise CheckpointError(f"non-finite values (nan / inf) in {where}")
         for tensor in release:
             self.reader.release(tensor)
 
-    def copy(self, plan: list, release: list, factor: torch.Tensor | None = None, where: str = "") -> None:
+    def copy(self, plan: list, release: list, factor: torch.Tensor | None = None, where: str = "",
+             first_expert: int | None = None) -> None:
         """``dest <- source`` for each ``(dest, source)`` of ``plan`` (``fuse(source, factor)`` when a fusion
         factor is given) on a pool thread, then checked finite (an error names ``where``); then the pages of the
         tensors in ``release`` leave this process."""
-        self.pending.append(self.pool.submit(self._copy, plan, release, factor, where))
+        self.pending.append(self.pool.submit(self._copy, plan, release, factor, where, first_expert))
         while len(self.pending) > self.max_pending:
             self.pending.pop(0).result()
 

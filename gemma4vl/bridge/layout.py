@@ -14,13 +14,14 @@ import re
 
 import torch
 from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
-from megatron.bridge.models.conversion.param_mapping import AutoMapping, FusedExpertMapping
+from megatron.bridge.models.conversion.param_mapping import AutoMapping
 
 from gemma4vl.bridge.hf_config import Gemma4HFConfig
+from gemma4vl.models.experts import FC1_TP_AXIS, FC2_TP_AXIS
 from gemma4vl.bridge.mappings import (
     DirectGatedMLPMapping,
     DirectQKVMapping,
-    ExpertGateUpMapping,
+    GroupedExpertMapping,
     KEqualsVQKVMapping,
     ReplicatedOnDeviceMapping,
 )
@@ -68,8 +69,10 @@ def mapping_registry(cfg: Gemma4HFConfig) -> MegatronMappingRegistry:
         AutoMapping(mg + "self_attention.linear_proj.weight", hf + "self_attn.o_proj.weight"),
         DirectGatedMLPMapping(mg + "mlp.shared_experts.linear_fc1.weight", gate=hf + SHARED_GATE, up=hf + SHARED_UP),
         AutoMapping(mg + "mlp.shared_experts.linear_fc2.weight", hf + "mlp.down_proj.weight"),
-        ExpertGateUpMapping(mg + "mlp.experts.local_experts.*.linear_fc1.weight", hf + "experts.gate_up_proj"),
-        FusedExpertMapping(mg + "mlp.experts.local_experts.*.linear_fc2.weight", hf + "experts.down_proj"),
+        GroupedExpertMapping(mg + "mlp.experts.fc1_weight", hf + "experts.gate_up_proj", tp_axis=FC1_TP_AXIS,
+                             split_pairs=True),
+        GroupedExpertMapping(mg + "mlp.experts.fc2_weight", hf + "experts.down_proj", tp_axis=FC2_TP_AXIS,
+                             split_pairs=False),
     ]
     mappings += [ReplicatedOnDeviceMapping(mg + ours, hf + theirs) for ours, theirs in _REPLICATED_LAYER_TENSORS.items()]
     if not cfg.tie_word_embeddings:

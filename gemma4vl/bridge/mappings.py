@@ -3,9 +3,11 @@
 - :class:`KEqualsVQKVMapping`: q/k projections of a K=V attention layer (no ``v_proj``) <-> Megatron-Core's
   grouped ``linear_qkv``. Import synthesises the value rows as a copy of the key rows; export writes q and k
   only (the value rows are never read by the model, see :mod:`gemma4vl.models.attention`).
-- :class:`ExpertGateUpMapping`: one expert's slice of the grouped ``experts.gate_up_proj`` [E, 2I, H] (gate rows
-  first) <-> the expert's ``linear_fc1`` [2I, H] (the same layout without expert tensor parallelism, so the
-  slice is handed over as a view, no copy; with expert tensor parallelism the stock interleaving is used).
+- :class:`GroupedExpertMapping`: a grouped expert weight of :class:`~gemma4vl.models.experts.Gemma4GroupedExperts`
+  (this rank's experts, its expert-tensor-parallel slice) <-> the checkpoint's all-experts tensor
+  (``experts.gate_up_proj`` [E, 2I, H], gate rows first, seen as [E, 2, I, H]; ``experts.down_proj`` [E, H, I]).
+  Import copies the rank's slice straight into the parameter (a view of the checkpoint tensor, no
+  temporary); export gathers the slices over expert-tensor-parallel and expert-parallel ranks.
 - :class:`ReplicatedOnDeviceMapping`: a replicated tensor broadcast over tensor-parallel ranks on the
   parameter's own device (the stock ``ReplicatedMapping`` moves it to ``torch.cuda.current_device()``, which
   does not exist on a CPU run).
@@ -23,7 +25,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from megatron.bridge.models.conversion.param_mapping import (
     AutoMapping,
-    FusedGatedExpertMapping,
     GatedMLPMapping,
     MegatronParamMapping,
     QKVMapping,
@@ -142,12 +143,69 @@ class ReplicatedOnDeviceMapping(ReplicatedMapping):
         return self.broadcast_tensor_to_tp_ranks(hf_weights, src_rank=0)
 
 
-class ExpertGateUpMapping(FusedGatedExpertMapping):
-    """Grouped gate/up expert weights; zero-copy when experts are not tensor-parallel (see module docstring)."""
+class GroupedExpertMapping(MegatronParamMapping[torch.Tensor]):
+    """A grouped expert parameter [E_local, ...] <-> the checkpoint's [E, ...] tensor of the layer's experts.
+
+    ``global_shape`` maps the checkpoint tensor's shape to the parameter's global shape (all experts, the whole
+    FFN width): a view of the same memory (e.g. [E, 2I, H] -> [E, 2, I, H]). Axis 0 is split over expert-parallel
+    ranks (rank r holds experts r*E_local ...), axis ``tp_axis`` over expert-tensor-parallel ranks."""
+
+    def __init__(self, megatron_param: str, hf_param: str, tp_axis: int, split_pairs: bool):
+        super().__init__(megatron_param, hf_param)
+        self.tp_axis = tp_axis
+        self.split_pairs = split_pairs  # [E, 2I, H] in the checkpoint is [E, 2, I, H] here
+
+    @property
+    def etp_group(self):
+        return self._etp_group
+
+    def resolve(self, captures):
+        megatron_param, hf_param = self._resolve_names(captures)
+        return type(self)(megatron_param, hf_param, self.tp_axis, self.split_pairs)
+
+    def _global_view(self, hf_weight: torch.Tensor) -> torch.Tensor:
+        if not self.split_pairs:
+            return hf_weight
+        experts, rows, cols = hf_weight.shape
+        return hf_weight.view(experts, 2, rows // 2, cols)
+
+    def local_slice(self, hf_weight: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the checkpoint tensor, as a view (shape-checked against ``param``)."""
+        full = self._global_view(hf_weight)
+        expected = list(param.shape)
+        expected[0] *= self.ep_size
+        expected[self.tp_axis] *= self.etp_size
+        if list(full.shape) != expected:
+            raise ValueError(f"checkpoint tensor of shape {list(hf_weight.shape)} does not hold "
+                             f"{self.ep_size} x {param.shape[0]} experts of {list(param.shape[1:])} "
+                             f"(times {self.etp_size} along axis {self.tp_axis})")
+        experts, width = param.shape[0], param.shape[self.tp_axis]
+        part = full.narrow(0, self.ep_rank * experts, experts)
+        return part.narrow(self.tp_axis, self.etp_rank * width, width)
+
+    def copy_plan(self, hf_weights: torch.Tensor, megatron_module: torch.nn.Module,
+                  param: torch.Tensor) -> CopyPlan:
+        """The rank's slice of the checkpoint tensor, copied straight into ``param``."""
+        return [(param, self.local_slice(hf_weights, param))]
 
     def hf_to_megatron(self, hf_weights: torch.Tensor, megatron_module: torch.nn.Module) -> torch.Tensor:
-        if self.tp_size != 1:  # for expert mappings this is the expert-tensor-parallel group
-            return super().hf_to_megatron(hf_weights, megatron_module)
-        from megatron.bridge.utils.common_utils import extract_expert_number_from_param
+        param = getattr(megatron_module, self.megatron_param.rsplit(".", 1)[-1])
+        return self.local_slice(hf_weights, param).contiguous()
 
-        return hf_weights[extract_expert_number_from_param(self.megatron_param)]
+    def megatron_to_hf(self, megatron_weights: Optional[torch.Tensor],
+                       megatron_module: Optional[torch.nn.Module]) -> Dict[str, torch.Tensor]:
+        weights = self.broadcast_from_pp_rank(megatron_weights, cache_key=str(self.hf_param))
+        if weights is None:
+            return {}
+        weights = weights.detach()
+        if self.etp_size > 1:
+            parts = [torch.empty_like(weights) for _ in range(self.etp_size)]
+            torch.distributed.all_gather(parts, weights.contiguous(), group=self.etp_group)
+            weights = torch.cat(parts, dim=self.tp_axis)
+        if self.ep_size > 1:
+            parts = [torch.empty_like(weights) for _ in range(self.ep_size)]
+            torch.distributed.all_gather(parts, weights.contiguous(), group=self.ep_group)
+            weights = torch.cat(parts, dim=0)
+        if self.split_pairs:
+            weights = weights.flatten(1, 2)
+        return {str(self.hf_param): weights}

@@ -82,6 +82,15 @@ def configure_provider(provider, cfg: RunConfig) -> None:
         provider.recompute_granularity = "full"
         provider.recompute_method = "uniform"
         provider.recompute_num_layers = 1
+    elif t.recompute == "selective":
+        # Megatron-Core's MoELayer checkpoints its whole forward (route, dispatch, experts, combine, our
+        # post-norms) and reruns it in backward; attention activations are kept.
+        provider.recompute_granularity = "selective"
+        provider.recompute_modules = ["moe"]
+    # Fused token permutation of the MoE dispatcher: Transformer Engine's kernels, where installed (GPU).
+    from gemma4vl.runtime.te_shim import transformer_engine_installed
+
+    provider.moe_permute_fusion = t.device == "cuda" and transformer_engine_installed()
     hook = _freeze_hook(cfg)
     if hook is not None:
         provider.register_pre_wrap_hook(hook)
@@ -179,7 +188,9 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
         ),
         ddp=DistributedDataParallelConfig(
             use_distributed_optimizer=o.use_distributed_optimizer,
-            grad_reduce_in_fp32=True,
+            grad_reduce_in_fp32=o.main_grads_dtype == "fp32",
+            overlap_grad_reduce=o.overlap_grad_reduce,
+            overlap_param_gather=o.overlap_param_gather,
             check_for_nan_in_grad=True,
         ),
         dataset=dataset_config(cfg.data),

@@ -67,6 +67,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split activations along the sequence over TP ranks outside attention / MLP (required for MoE with TP > 1)."""
 
+    world_size: int | None = None
+    """Processes (GPUs) this layout is written for, or None (any). Set: the run refuses another world size, and
+    ``python -m recipes.plan`` plans for it."""
+
 
 @dataclass
 class OptimConfig:
@@ -98,6 +102,18 @@ class OptimConfig:
 
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+    main_grads_dtype: str = "fp32"
+    """Gradient buffer of Megatron's DDP (accumulation over micro batches and the data-parallel reduction):
+    ``fp32``, or ``bf16`` (half the bytes; with ``trainer.precision=bf16`` only). The optimizer's master
+    weights and Adam moments stay fp32 either way."""
+
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass (bucketed, no extra memory)."""
+
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass (needs
+    ``use_distributed_optimizer``)."""
 
     warmup_iters: int = 0
     """Linear warmup iterations."""
@@ -151,7 +167,13 @@ class TrainerConfig:
     """``fp32``, or ``bf16`` (bf16 parameters and activations, fp32 main weights in the optimizer)."""
 
     recompute: str = "none"
-    """Activation recomputation: ``none`` or ``full`` (recompute every layer in the backward pass)."""
+    """Activation recomputation: ``none``, ``full`` (recompute every layer in the backward pass) or
+    ``selective`` (recompute each layer's MoE block: router, token dispatch, experts, shared expert, post-norms;
+    keep attention)."""
+
+    device_memory_gib: float | None = None
+    """Memory of one accelerator in GiB (e.g. 79.1 for an H100 80GB as torch reports it). Set: the run is
+    refused when the memory plan (:mod:`gemma4vl.config.memory`) exceeds it. None: not checked."""
 
     freeze_vision_tower: bool = False
     """Keep the vision tower's weights fixed."""

@@ -12,7 +12,8 @@ from gemma4vl.config.schema import RunConfig
 CHOICES = {
     "trainer.device": ("cpu", "cuda"),
     "trainer.precision": ("fp32", "bf16"),
-    "trainer.recompute": ("none", "full"),
+    "trainer.recompute": ("none", "full", "selective"),
+    "optim.main_grads_dtype": ("fp32", "bf16"),
     "optim.optimizer": ("adam", "sgd"),
     "optim.decay_style": ("cosine", "linear", "constant"),
     "peft.method": ("none", "lora"),
@@ -103,9 +104,10 @@ def _get(cfg: RunConfig, dotted: str):
     return value
 
 
-def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig) -> int:
+def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *, fused_adam: bool | None = None) -> int:
     """Check ``cfg`` for a run on ``world_size`` processes with the checkpoint described by ``hf``.
-    Returns the data-parallel size."""
+    Returns the data-parallel size. ``fused_adam``: whether the memory plan may count on a fused Adam (None:
+    whether Transformer Engine or Apex is installed here)."""
     errors: list[str] = []
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
@@ -161,8 +163,21 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig) -> int:
     if cfg.data.seq_length > hf.max_position_embeddings:
         errors.append(f"data.seq_length={cfg.data.seq_length} exceeds the model's max_position_embeddings "
                       f"{hf.max_position_embeddings}")
+    if p.world_size is not None and p.world_size != world_size:
+        errors.append(f"parallel.world_size={p.world_size} but the run has {world_size} processes")
+    if cfg.optim.main_grads_dtype == "bf16" and t.precision != "bf16":
+        errors.append("optim.main_grads_dtype='bf16' needs trainer.precision='bf16'")
+    if cfg.optim.overlap_param_gather and not cfg.optim.use_distributed_optimizer:
+        errors.append("optim.overlap_param_gather=true needs optim.use_distributed_optimizer=true")
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    if t.device_memory_gib is not None:
+        from gemma4vl.config.memory import GIB, fused_adam_available, plan_memory
+
+        plan = plan_memory(cfg, hf, world_size, fused_adam=fused_adam_available() if fused_adam is None else fused_adam)
+        if plan.peak_bytes > plan.device_bytes:
+            raise ConfigError(f"the layout does not fit trainer.device_memory_gib={t.device_memory_gib}: "
+                              f"estimated {plan.peak_bytes / GIB:.1f} GiB per GPU\n{plan.render()}")
     return dp
 
 

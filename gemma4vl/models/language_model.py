@@ -20,6 +20,7 @@ from megatron.core.utils import get_pg_rank
 
 from gemma4vl.models.arch import Gemma4Arch
 from gemma4vl.models.layer import gemma4_block_spec
+from gemma4vl.models.loss import softcapped_cross_entropy
 
 IGNORE_INDEX = -100
 """Label value of positions that carry no loss."""
@@ -111,12 +112,16 @@ class Gemma4LanguageModel(GPTModel):
         if not self.post_process:
             return hidden_states
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
         cap = self.arch.final_logit_softcapping
+        if labels is not None:
+            # Projection, soft-cap and cross-entropy a chunk of tokens at a time (gemma4vl.models.loss).
+            ignored = labels == IGNORE_INDEX
+            weight = output_weight if output_weight is not None else self.output_layer.weight
+            loss = softcapped_cross_entropy(hidden_states, weight, labels.masked_fill(ignored, 0), cap,
+                                            tp_group=self.pg_collection.tp,
+                                            sequence_parallel=self.config.sequence_parallel)
+            return loss.masked_fill(ignored, 0.0)
+        logits, _ = self.output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        ignored = labels == IGNORE_INDEX
-        loss = self.compute_language_model_loss(labels.masked_fill(ignored, 0), logits)
-        return loss.masked_fill(ignored, 0.0)
+        return logits.transpose(0, 1).contiguous()

@@ -29,6 +29,10 @@ from gemma4vl.models.moe import gemma4_moe_builder
 from gemma4vl.models.norms import Gemma4RMSNorm
 
 
+SELECTIVE_RECOMPUTE = {"moe", "shared_experts"}
+"""Megatron-Core ``recompute_modules`` that work with this layer (both are implemented by ``MoELayer``)."""
+
+
 class Gemma4TransformerLayer(TransformerLayer):
     """One Gemma 4 decoder layer. Megatron-Core builds ``input_layernorm``, ``self_attention``,
     ``pre_mlp_layernorm`` and ``mlp`` from the spec; this class adds the two post-norms and ``layer_scalar``."""
@@ -37,8 +41,11 @@ class Gemma4TransformerLayer(TransformerLayer):
                  arch: Gemma4Arch | None = None, **kwargs):
         if arch is None:
             raise ValueError("Gemma4TransformerLayer needs the Gemma4Arch (pass it through the layer spec params)")
+        selective = set(config.recompute_modules or []) if config.recompute_granularity == "selective" else set()
         unsupported = {
-            "recompute_granularity='selective'": config.recompute_granularity == "selective",
+            # Megatron-Core's MoE layer recomputes itself ("moe", "shared_experts"); the other selective
+            # modules live in TransformerLayer / Attention code paths this layer replaces.
+            f"selective recompute of {sorted(selective - SELECTIVE_RECOMPUTE)}": bool(selective - SELECTIVE_RECOMPUTE),
             "fp32_residual_connection": config.fp32_residual_connection,
             "hidden_dropout > 0": config.hidden_dropout > 0,
         }

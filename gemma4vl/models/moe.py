@@ -30,6 +30,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from gemma4vl.models.experts import Gemma4GroupedExperts
 from gemma4vl.models.norms import Gemma4RMSNorm
 
 
@@ -89,8 +90,8 @@ class Gemma4MoELayer(MoELayer):
 
 
 def gemma4_moe_builder(num_experts: int):
-    """MLP builder for ``TransformerLayerSubmodules.mlp``: local-spec experts (``SequentialMLP``) and shared
-    expert, with our router and MoE layer."""
+    """MLP builder for ``TransformerLayerSubmodules.mlp``: our router, grouped routed experts
+    (:class:`~gemma4vl.models.experts.Gemma4GroupedExperts`) and MoE layer, and a local-spec shared expert."""
     base = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts, moe_grouped_gemm=False)
-    submodules = replace(base.keywords["submodules"], router=Gemma4Router)
+    submodules = replace(base.keywords["submodules"], router=Gemma4Router, experts=Gemma4GroupedExperts)
     return partial(Gemma4MoELayer, submodules=submodules)
