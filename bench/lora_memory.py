@@ -13,8 +13,8 @@ LoRA and full finetuning at the same batch (LoRA adds rank-wide activations only
    baseline of this run: ratio measured / computed must be 1).
 2. **google/gemma-4-26B-A4B** (from its architecture: 30 layers, 27-layer vision tower; the model is instantiated
    on the meta device, no weights): the same counts and the bytes above, for full finetuning (all weights; vision
-   tower frozen as in ``experiment=gemma4_26b_sft``) and the LoRA presets ``peft=lora`` (attention),
-   ``peft=lora_shared_expert`` and ``peft=lora_experts``.
+   tower frozen as in ``experiment=gemma4_26b_sft``) and the LoRA presets ``peft=lora`` (attention)
+   and ``peft=lora_shared_expert``.
 """
 
 from __future__ import annotations
@@ -35,14 +35,10 @@ PRESETS = {  # conf/peft/*.yaml: name -> adapted targets (keys of lora_parameter
     "lora": ("self_attention.linear_qkv", "self_attention.linear_proj"),
     "lora_shared_expert": ("self_attention.linear_qkv", "self_attention.linear_proj",
                            "mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2"),
-    "lora_experts": ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.shared_experts.linear_fc1",
-                     "mlp.shared_experts.linear_fc2", "mlp.experts.local_experts.*.linear_fc1",
-                     "mlp.experts.local_experts.*.linear_fc2"),
 }
 PRESET_TARGETS = {  # the same presets as peft.target_modules
     "lora": ["linear_qkv", "linear_proj"],
     "lora_shared_expert": ["linear_qkv", "linear_proj", "*.shared_experts.linear_fc1", "*.shared_experts.linear_fc2"],
-    "lora_experts": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
 }
 
 

@@ -128,7 +128,7 @@ NONFINITE_CASES = [
     ("nan-in-attention", L0 + "self_attn.q_proj.weight", (3, 5), float("nan"), [L0 + "self_attn.q_proj.weight"]),
     ("inf-in-norm", "model.language_model.norm.weight", (7,), float("inf"), ["model.language_model.norm.weight"]),
     ("inf-in-grouped-expert", L0 + "experts.down_proj", (2, 3, 4), float("-inf"),
-     [L0 + "experts.down_proj -> Megatron parameter", "experts.linear_fc2.weight [expert 2]"]),
+     [L0 + "experts.down_proj -> Megatron parameter", "mlp.experts.fc2_weight [expert 2]"]),
 ]
 
 

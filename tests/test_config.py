@@ -138,9 +138,9 @@ def test_target_outside_allowlist_is_refused():
     (["trainer.device=tpu"], 1, ["trainer.device='tpu' is not one of ['cpu', 'cuda']"]),
     (["export.format=lora"], 1, ["export.format='lora' is not one of ['merged', 'adapter', 'both']"]),
     (["export.format=both"], 1, ["export.format='both' writes a LoRA adapter: it needs peft.method=lora"]),
-    (["peft=lora_experts", "export.format=adapter"], 1,
-     ["export.format='adapter': peft.target_modules entry 'linear_fc1' adapts "
-      "['mlp.experts.local_experts.*.linear_fc1']", "entry 'linear_fc2' adapts", "or export.format=merged"]),
+    (["peft=lora", "peft.target_modules=[linear_qkv,linear_fc1,linear_fc2]"], 1,
+     ["peft.target_modules entry 'linear_fc1' would adapt the routed experts, which are grouped parameters",
+      "entry 'linear_fc2' would adapt the routed experts", "'*.shared_experts.linear_fc1'"]),
 ])
 def test_invalid_layouts_fail_before_loading_weights(hf_configs, overrides, world, messages):
     from gemma4vl.bridge import read_hf_config

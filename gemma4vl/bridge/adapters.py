@@ -101,6 +101,27 @@ def peft_format_problems(target_modules) -> list[str]:
     return problems
 
 
+_ROUTED = ("mlp.experts.local_experts.0.linear_fc1", "mlp.experts.local_experts.0.linear_fc2")
+
+
+def routed_lora_problems(target_modules) -> list[str]:
+    """Targets that would put LoRA on the routed experts. Our routed experts are grouped parameters (one
+    ``fc1_weight`` / ``fc2_weight`` per layer, :mod:`gemma4vl.models.experts`), not Linear modules, so
+    Megatron-Bridge's LoRA would silently leave them without adapters: such a target is refused by name."""
+    from megatron.bridge.peft.utils import wildcard_match
+
+    problems = []
+    for pattern in target_modules:
+        hits = [c for c in (MG_LAYER.format(0) + name for name in _ROUTED)
+                if c.rsplit(".", 1)[-1] == pattern or wildcard_match(pattern, c)]
+        if hits:
+            problems.append(f"peft.target_modules entry {pattern!r} would adapt the routed experts, which are grouped "
+                            "parameters (one fc1_weight / fc2_weight per layer) that LoRA of Linear modules cannot "
+                            "wrap; for the MoE blocks use '*.shared_experts.linear_fc1' / "
+                            "'*.shared_experts.linear_fc2' (peft=lora_shared_expert)")
+    return problems
+
+
 def lora_parameter_counts(hf, rank: int) -> Dict[str, int]:
     """LoRA parameters per adaptable target of the decoder layers, summed over the layers, from the architecture
     (``hf``: :class:`~gemma4vl.bridge.hf_config.Gemma4HFConfig`): ``rank x (in + out)`` per Megatron module. q/k/v

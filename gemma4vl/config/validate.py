@@ -114,6 +114,10 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *, fused_adam:
             errors.append(f"{key}={_get(cfg, key)!r} is not one of {list(allowed)}")
 
     errors += _ranges(cfg)
+    if cfg.peft.method == "lora":
+        from gemma4vl.bridge.adapters import routed_lora_problems
+
+        errors += routed_lora_problems(cfg.peft.target_modules)
     p, t = cfg.parallel, cfg.trainer
     for key in ("tensor", "pipeline", "expert", "expert_tensor", "context"):
         if getattr(p, key) < 1:
