@@ -145,6 +145,12 @@ class TrainerConfig:
     recompute: str = "none"
     """Activation recomputation: ``none`` or ``full`` (recompute every layer in the backward pass)."""
 
+    attention_kernel: str = "dense"
+    """Attention kernel of the decoder layers (:mod:`gemma4vl.models.attention_kernels`): ``dense`` (SDPA with
+    explicit [s, s] masks; the reference, and the only choice on CPU), ``flex`` (FlexAttention with block masks that
+    skip what the samples, the window and causality exclude; ``device: cuda`` only) or ``flex_sliding`` (flex on
+    sliding-window layers, dense on full-attention layers)."""
+
     freeze_vision_tower: bool = False
     """Keep the vision tower's weights fixed."""
 
