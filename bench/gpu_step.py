@@ -15,7 +15,8 @@ Sections (each catches its own failure, so one broken section still leaves the o
 (b) real-width proxy training step: our Megatron model with 26B-A4B widths (hidden 2816, 16 heads, 128 experts
     top-8, vocab 262144), 4 decoder layers (3 sliding + 1 full, the 5:1 pattern's tail), a 2-layer vision tower,
     bf16, random init, on packed ``--seq``-token rows with 280-token images; forward, backward and an SGD update
-    per step (Adam's state would not fit beside transformers' copy and is not what is measured here). Reports
+    per step (Adam's state would not fit beside transformers' copy and is not what is measured here). Attention
+    kernel: per layer type the faster of flex and dense in (a) (``--kernel`` forces one). Reports
     tokens/s, model TFLOP/s by F = 6N + 3A(S) per token (N: active parameters, A: attention FLOPs per token, both
     defined in :func:`active_params` / :func:`attention_flops_per_token`) and peak memory.
 (c) transformers' ``Gemma4ForConditionalGeneration`` with the same config (same layers, sdpa attention, its default
@@ -121,6 +122,7 @@ class Setup:
     numerics_window: int
     numerics_bf16: bool
     deadline_s: float
+    kernel: str | None
     workdir: Path
     results: dict = field(default_factory=dict)
     rows_out: list = field(default_factory=list)
@@ -445,11 +447,34 @@ def _train_step(setup: Setup, model, batch):
     return step
 
 
+def choose_kernel(setup: Setup) -> tuple[str, str]:
+    """(trainer.attention_kernel for (b), why): ``--kernel`` if given; dense on CPU; else per layer type the faster
+    of flex and dense SDPA in (a) when (a) ran (a flex variant that failed counts as slower), flex otherwise."""
+    if setup.kernel is not None:
+        return setup.kernel, "--kernel"
+    if setup.dry_run:
+        return "dense", "CPU: no FlexAttention backward"
+    a = setup.results.get("a")
+    if not isinstance(a, dict) or "sliding_attention" not in a or "full_attention" not in a:
+        return "flex", "default (section (a) did not run)"
+    faster = {}
+    for layer_type in ("sliding_attention", "full_attention"):
+        ms = a[layer_type]["ms"]
+        faster[layer_type] = ms.get("flex", math.inf) <= ms.get("dense sdpa", math.inf)
+    # No kernel choice runs flex on full layers only: if flex loses on sliding layers, dense everywhere.
+    choice = {(True, True): "flex", (True, False): "flex_sliding"}.get(
+        (faster["sliding_attention"], faster["full_attention"]), "dense")
+    names = {True: "flex", False: "dense"}
+    return choice, (f"faster in (a): sliding {names[faster['sliding_attention']]}, "
+                    f"full {names[faster['full_attention']]}")
+
+
 def section_b(setup: Setup) -> dict:
     """Real-width proxy (toy model in dry-run): our model's training steps."""
     hf_config, d = text_dict_toy() if setup.dry_run else text_dict_real(4)
     hf = write_config(d, setup.workdir / "proxy")
-    kernel = "dense" if setup.dry_run else "flex"
+    kernel, why = choose_kernel(setup)
+    setup.row("b", "attention kernel", kernel, "", why)
     log(f"(b) building our model ({hf.num_layers} layers {list(hf.arch.layer_types)}, hidden {hf.hidden_size}, "
         f"{hf.num_experts} experts, vocab {hf.vocab_size}, {setup.dtype}, attention kernel {kernel})")
     t = time.perf_counter()
@@ -629,6 +654,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed training steps in (b), (c) (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write rows and results here")
+    parser.add_argument("--kernel", choices=("dense", "flex", "flex_sliding"), default=None,
+                        help="attention kernel of (b) (default: per layer type the faster in (a); flex without (a))")
     parser.add_argument("--numerics-bf16", action="store_true",
                         help="(d) also compares flex in bf16 (two more kernel compiles, about a minute)")
     parser.add_argument("--deadline-s", type=float, default=540.0,
@@ -654,7 +681,8 @@ def main(argv=None) -> int:
         warmup=args.warmup or (1 if dry else 2), attn_iters=2 if dry else 10,
         image_tokens=16 if dry else 280, images_per_row=2 if dry else 4, samples_per_row=3 if dry else 4,
         numerics_seq=128 if dry else 1024, numerics_window=32 if dry else 256,
-        numerics_bf16=args.numerics_bf16 and not dry, deadline_s=args.deadline_s, workdir=workdir)
+        numerics_bf16=args.numerics_bf16 and not dry, deadline_s=args.deadline_s, kernel=args.kernel,
+        workdir=workdir)
     device_name = "CPU (dry run)" if dry else torch.cuda.get_device_name()
     log(f"torch {torch.__version__}; device {device_name}; sections {sections}; seq {setup.seq}")
     if not dry:

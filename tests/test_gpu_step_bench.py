@@ -52,6 +52,24 @@ def test_model_flops_formula_gives_the_issue_figures():
     assert bench.active_params(proxy["text_config"]) == 3 * 100_384_768 + 114_802_688 + 738_197_504
 
 
+def test_section_b_takes_the_faster_kernel_per_layer_type_from_section_a():
+    from types import SimpleNamespace
+
+    bench = _bench_module()
+
+    def choose(sliding_ms, full_ms, kernel=None, dry_run=False):
+        a = {"sliding_attention": {"ms": sliding_ms}, "full_attention": {"ms": full_ms}}
+        return bench.choose_kernel(SimpleNamespace(kernel=kernel, dry_run=dry_run, results={"a": a}))[0]
+
+    assert choose({"flex": 1.0, "dense sdpa": 5.0}, {"flex": 2.0, "dense sdpa": 3.0}) == "flex"
+    assert choose({"flex": 1.0, "dense sdpa": 5.0}, {"flex": 4.0, "dense sdpa": 3.0}) == "flex_sliding"
+    assert choose({"flex": 1.0, "dense sdpa": 5.0}, {"dense sdpa": 3.0}) == "flex_sliding"  # full flex failed
+    assert choose({"dense sdpa": 5.0}, {"flex": 2.0, "dense sdpa": 3.0}) == "dense"
+    assert choose({"flex": 1.0, "dense sdpa": 5.0}, {"flex": 2.0}, kernel="dense") == "dense"
+    assert choose({}, {}, dry_run=True) == "dense"
+    assert bench.choose_kernel(SimpleNamespace(kernel=None, dry_run=False, results={}))[0] == "flex"
+
+
 def test_dry_run_runs_every_section_and_reports_sound_numbers(tmp_path):
     proc, result = _run(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
