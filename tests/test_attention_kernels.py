@@ -32,6 +32,7 @@ from gemma4vl.models.attention_kernels import (
     kernels_per_layer_type,
 )
 from gemma4vl.models.masks import FULL_INDEX, SLIDING_INDEX, attention_mask_mods, build_attention_masks
+from gemma4vl.testing.pytest_fixtures import tiny_ckpt, tiny_ckpt_dir  # noqa: F401  (fixtures)
 
 # 26B-A4B's attention shapes: 16 query heads; sliding layers head_dim 256 with 8 KV heads, full layers 512 with 2.
 HEADS = 16
@@ -298,8 +299,6 @@ def test_config_attention_kernel_is_validated_and_reaches_the_provider(tiny_ckpt
     assert provider.attention_kernel == "flex"
 
 
-from gemma4vl.testing.pytest_fixtures import tiny_ckpt, tiny_ckpt_dir  # noqa: E402,F401  (fixtures)
-
 
 # ------------------------------------------------------------------------------------------------------------ slow
 @pytest.mark.slow
@@ -324,7 +323,7 @@ def test_compiled_cpu_flex_reads_the_block_tables_and_equals_dense(layer_type):
 
 # ------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-3), (torch.bfloat16, 4e-2)])
 @pytest.mark.parametrize("layer_type", [SLIDING, FULL])
 def test_cuda_flex_forward_and_backward_equal_dense(layer_type, dtype, atol):
     """Compiled FlexAttention (the training kernel, with FLEX_KERNEL_OPTIONS) against dense SDPA on CUDA, forward
