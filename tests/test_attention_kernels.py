@@ -241,6 +241,11 @@ def tiny_dense_and_flex(megatron_cpu, tmp_path_factory):
     info = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32")
     models = {kernel: load_megatron(info.path, attention_kernel=kernel)[1][0].eval()
               for kernel in ("dense", "flex", "flex_sliding")}
+    # The training configuration on GPUs (conf/trainer/gpu.yaml): flex with full recompute of every layer, where the
+    # block masks reach the layers by reference through Megatron-Core's checkpointed forward.
+    models["flex, full recompute"] = load_megatron(
+        info.path, attention_kernel="flex", recompute_granularity="full", recompute_method="uniform",
+        recompute_num_layers=1)[1][0].eval()
     return info, models
 
 
@@ -249,7 +254,8 @@ def test_model_logits_flex_equal_dense_on_a_packed_batch_with_images(tiny_dense_
     batch = _packed_model_batch(info.config)
     assert batch.mm_token_type_ids.sum().item() == 8 and batch.segment_ids.max().item() == 2
     with torch.no_grad():
-        logits = {kernel: model(**batch.model_kwargs()) for kernel, model in models.items()}
+        logits = {kernel: model(**batch.model_kwargs()) for kernel, model in models.items()
+                  if kernel != "flex, full recompute"}
     valid = batch.segment_ids > 0
     ref = logits["dense"][valid]
     assert ref.abs().max().item() > 1.0
@@ -260,6 +266,37 @@ def test_model_logits_flex_equal_dense_on_a_packed_batch_with_images(tiny_dense_
     layers = models["flex_sliding"].language_model.decoder.layers
     assert [(l.layer_type, l.self_attention.kernel) for l in layers] == [
         (SLIDING, "flex"), (FULL, "dense"), (SLIDING, "flex"), (FULL, "dense")]
+
+
+def test_model_flex_block_masks_reach_every_layer_under_full_recompute(tiny_dense_and_flex, monkeypatch):
+    """In training mode with full recompute, Megatron-Core runs each layer through tensor_parallel.checkpoint with
+    attention_mask among the saved tensors; the block masks travel in packed_seq_params instead. Run that path (no
+    grad: the CPU has no flex backward; CUDA covers the backward) and count the checkpointed layers."""
+    from megatron.core import tensor_parallel
+
+    info, models = tiny_dense_and_flex
+    batch = _packed_model_batch(info.config)
+    model = models["flex, full recompute"]
+    assert model.config.recompute_granularity == "full"
+    calls = []
+    checkpoint = tensor_parallel.checkpoint
+
+    def counting_checkpoint(function, distribute_saved_activations, *args):
+        calls.append(args[1])  # attention_mask: None when every layer runs flex
+        return checkpoint(function, distribute_saved_activations, *args)
+
+    monkeypatch.setattr(tensor_parallel, "checkpoint", counting_checkpoint)
+    with torch.no_grad():
+        ref = models["dense"](**batch.model_kwargs())
+        model.train()
+        try:
+            logits = model(**batch.model_kwargs())
+        finally:
+            model.eval()
+    assert calls == [None] * len(model.language_model.decoder.layers) == [None] * 4
+    valid = batch.segment_ids > 0
+    diff = (logits[valid] - ref[valid]).abs().max().item()
+    assert diff <= 2e-5, f"flex under full recompute: max |logit diff| vs dense = {diff}"
 
 
 def test_model_with_flex_refuses_cpu_training(tiny_dense_and_flex):
@@ -362,8 +399,9 @@ def test_cuda_flex_forward_and_backward_equal_dense(layer_type, dtype, atol):
 
 
 def _model_flex_vs_dense_on_cuda(hf_dir: str) -> dict:
-    """In a fresh CUDA process: the tiny model with dense and with flex attention, fp32, same weights and packed
-    batch: max |logit diff| and the largest gradient difference relative to the gradient's max."""
+    """In a fresh CUDA process: the tiny model with dense attention, with flex, and with flex under full recompute
+    (the GPU training configuration), fp32, same weights and packed batch: per flex variant, max |logit diff| vs
+    dense and the largest gradient difference relative to the gradient's max."""
     from gemma4vl.runtime.distributed import destroy_model_parallel, initialize_model_parallel
     from gemma4vl.testing.megatron_harness import load_megatron
     from gemma4vl.testing.fixtures import build_config
@@ -375,20 +413,29 @@ def _model_flex_vs_dense_on_cuda(hf_dir: str) -> dict:
         batch = _packed_model_batch(build_config("tiny-moe"))
         kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.model_kwargs().items()}
         labels = torch.where(batch.segment_ids > 0, torch.roll(batch.input_ids, -1, 1), -100).cuda()
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        variants = {"dense": dict(attention_kernel="dense"), "flex": dict(attention_kernel="flex"),
+                    "flex, full recompute": dict(attention_kernel="flex", **recompute)}
         results = {}
-        for kernel in ("dense", "flex"):
-            model = load_megatron(hf_dir, attention_kernel=kernel)[1][0].cuda().train()
+        for name, fields in variants.items():
+            model = load_megatron(hf_dir, **fields)[1][0].cuda().train()
             logits = model(**kwargs)
             loss = model(**kwargs, labels=labels).sum()
             loss.backward()
-            results[kernel] = (logits.detach().cpu(), {n: p.grad.detach().cpu() for n, p in model.named_parameters()
-                                                       if p.grad is not None})
+            results[name] = (logits.detach().cpu(), {n: p.grad.detach().cpu() for n, p in model.named_parameters()
+                                                     if p.grad is not None})
+            del model
         valid = batch.segment_ids > 0
-        logit_diff = (results["flex"][0] - results["dense"][0])[valid].abs().max().item()
-        grad_rel = max((results["flex"][1][n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
-                       for n, g in results["dense"][1].items())
-        return {"logit_diff": logit_diff, "grad_rel": grad_rel, "n_grads": len(results["dense"][1]),
-                "n_grads_flex": len(results["flex"][1])}
+        ref_logits, ref_grads = results.pop("dense")
+        out = {"n_grads": len(ref_grads)}
+        for name, (logits, grads) in results.items():
+            out[name] = {
+                "logit_diff": (logits - ref_logits)[valid].abs().max().item(),
+                "grad_rel": max((grads[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+                                for n, g in ref_grads.items()),
+                "n_grads": len(grads),
+            }
+        return out
     finally:
         destroy_model_parallel()
 
@@ -400,6 +447,8 @@ def test_cuda_model_flex_equals_dense_forward_and_backward(tiny_ckpt_dir):
     # A fresh process: this pytest process runs Megatron on CPU (one device per process).
     [result] = run_distributed(_model_flex_vs_dense_on_cuda, 1, str(tiny_ckpt_dir), backend=None, uses_cuda=True,
                                timeout=600)
-    assert result["n_grads"] == result["n_grads_flex"] > 20
-    assert result["logit_diff"] <= 1e-4, result
-    assert result["grad_rel"] <= 1e-3, result
+    assert result["n_grads"] > 20
+    for name in ("flex", "flex, full recompute"):
+        assert result[name]["n_grads"] == result["n_grads"], result
+        assert result[name]["logit_diff"] <= 1e-4, result
+        assert result[name]["grad_rel"] <= 1e-3, result
