@@ -31,8 +31,11 @@ Sections (each catches its own failure, so one broken section still leaves the o
 ``--dry-run`` runs every section on CPU at toy size (FlexAttention's eager CPU forward; no flex backward on CPU,
 so (a) and (d) compare forwards only and (b) trains with the dense kernel) so CI proves the script works. The
 script prints progress (and every table row as it is measured) with flush, then one table; ``--json`` also writes
-the rows and per-section results. Sections not started by ``--deadline-s`` (default 540 s) are skipped, so the
-table still prints inside a 10-minute slot. Exit status 1 if any section failed.
+the rows and per-section results, rewritten after every section (``"complete": false`` until the end), so a run killed
+by an outer time limit still leaves what it measured. Sections not started by ``--deadline-s`` (default 360 s) are
+skipped, so the table still prints inside 8 minutes. Exit status 1 if any section failed.
+
+``bench/gpu_check.sh`` runs this script after the ``gpu``-marked attention tests, inside one 8-minute budget.
 """
 
 from __future__ import annotations
@@ -658,9 +661,20 @@ def parse_args(argv=None):
                         help="attention kernel of (b) (default: per layer type the faster in (a); flex without (a))")
     parser.add_argument("--numerics-bf16", action="store_true",
                         help="(d) also compares flex in bf16 (two more kernel compiles, about a minute)")
-    parser.add_argument("--deadline-s", type=float, default=540.0,
-                        help="sections not started by then are skipped (default 540: a 10-minute slot)")
+    parser.add_argument("--deadline-s", type=float, default=360.0,
+                        help="sections not started by then are skipped (default 360, so that the whole run stays "
+                             "under 8 minutes if no section takes more than 2)")
     return parser.parse_args(argv)
+
+
+def write_json(path: Path | None, setup: Setup, device_name: str, sections: list[str], complete: bool) -> None:
+    """The rows and per-section results so far (``complete``: every section has run or been skipped)."""
+    if path is None:
+        return
+    path.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "dry_run": setup.dry_run,
+                                "seq": setup.seq, "sections": sections, "complete": complete,
+                                "failed": setup.failed, "rows": setup.rows_out, "results": setup.results},
+                               indent=1, default=str))
 
 
 def main(argv=None) -> int:
@@ -706,11 +720,10 @@ def main(argv=None) -> int:
             setup.row(name, f"section ({name}) FAILED", None, "", f"{type(exc).__name__}: {str(exc)[:90]}")
             log(f"section ({name}) FAILED after {time.perf_counter() - t:.1f} s: {type(exc).__name__}: {exc}")
             free_memory(setup)
+        # After every section: a run killed by an outer time limit still leaves what it measured.
+        write_json(args.json, setup, device_name, sections, complete=False)
     print_table(setup, device_name)
-    if args.json is not None:
-        args.json.write_text(json.dumps({"device": device_name, "dry_run": dry, "seq": setup.seq,
-                                         "sections": sections, "failed": setup.failed, "rows": setup.rows_out,
-                                         "results": setup.results}, indent=1, default=str))
+    write_json(args.json, setup, device_name, sections, complete=True)
     if _PARALLEL["ready"]:
         from gemma4vl.runtime.distributed import destroy_model_parallel
 

@@ -73,7 +73,7 @@ def test_section_b_takes_the_faster_kernel_per_layer_type_from_section_a():
 def test_dry_run_runs_every_section_and_reports_sound_numbers(tmp_path):
     proc, result = _run(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert result["failed"] == [] and result["sections"] == ["a", "b", "c", "d"]
+    assert result["failed"] == [] and result["sections"] == ["a", "b", "c", "d"] and result["complete"] is True
     assert "DRY RUN" in proc.stdout and proc.stdout.count("\n") > 20
     sections_in_table = {row["section"] for row in result["rows"]}
     assert sections_in_table == {"a", "b", "c", "d"}
@@ -126,3 +126,21 @@ def test_unknown_section_is_refused():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--sections: unknown ['e']" in proc.stderr
+
+
+def test_gpu_check_script_runs_the_gpu_tests_then_the_bench_in_its_budget(tmp_path):
+    """bench/gpu_check.sh on this CPU machine: versions recorded, the gpu-marked attention tests collected and
+    skipped (exit 0), then the bench refuses to run without CUDA (exit 2), which the script passes on; the time
+    left for the bench is the 470 s budget minus what the tests took, its deadline 100 s before that."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out), sys.executable], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_step.log", "gpu_tests.log", "versions.txt"]
+    assert "no CUDA device" in (out / "versions.txt").read_text()
+    assert "5 skipped, 21 deselected" in (out / "gpu_tests.log").read_text()
+    assert "== tests: exit status 0 after" in proc.stdout
+    left = int(proc.stdout.split("== bench/gpu_step.py (at most ")[1].split(" s;")[0])
+    deadline = int(proc.stdout.split("sections not started by ")[1].split(" s ")[0])
+    assert 300 <= left <= 470 and deadline == left - 100
+    assert "no CUDA device: run with --dry-run" in (out / "gpu_step.log").read_text()
