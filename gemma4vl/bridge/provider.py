@@ -34,6 +34,10 @@ class Gemma4VLModelProvider(GPTModelProvider):
     vision_attn_implementation: str = "sdpa"
     """transformers attention implementation of the vision tower (``"sdpa"`` or ``"eager"``)."""
 
+    attention_kernel: str = "dense"
+    """Attention kernel of the decoder layers: ``dense``, ``flex`` or ``flex_sliding`` (see
+    :mod:`gemma4vl.models.attention_kernels`; set from ``trainer.attention_kernel``)."""
+
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> Gemma4VLModel:
         if self.gemma4 is None:
             raise ValueError("Gemma4VLModelProvider.gemma4 is not set; build the provider with the bridge")
@@ -61,6 +65,7 @@ class Gemma4VLModelProvider(GPTModelProvider):
             pg_collection=self._pg_collection,
             vp_stage=vp_stage,
             vision_attn_implementation=self.vision_attn_implementation,
+            attention_kernel=self.attention_kernel,
         )
 
 

@@ -76,6 +76,7 @@ def configure_provider(provider, cfg: RunConfig) -> None:
     provider.fp16 = False
     provider.seq_length = cfg.data.seq_length
     provider.vision_attn_implementation = cfg.model.vision_attn_implementation
+    provider.attention_kernel = t.attention_kernel
     # On CPU the model is built in host memory (Megatron-Bridge's get_model would otherwise move it to CUDA).
     provider.use_cpu_initialization = t.device == "cpu"
     if t.recompute == "full":

@@ -175,6 +175,12 @@ class TrainerConfig:
     """Memory of one accelerator in GiB (e.g. 79.1 for an H100 80GB as torch reports it). Set: the run is
     refused when the memory plan (:mod:`gemma4vl.config.memory`) exceeds it. None: not checked."""
 
+    attention_kernel: str = "dense"
+    """Attention kernel of the decoder layers (:mod:`gemma4vl.models.attention_kernels`): ``dense`` (SDPA with
+    explicit [s, s] masks; the reference, and the only choice on CPU), ``flex`` (FlexAttention with block masks that
+    skip what the samples, the window and causality exclude; ``device: cuda`` only) or ``flex_sliding`` (flex on
+    sliding-window layers, dense on full-attention layers)."""
+
     freeze_vision_tower: bool = False
     """Keep the vision tower's weights fixed."""
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from gemma4vl.bridge.hf_config import Gemma4HFConfig
 from gemma4vl.config.schema import RunConfig
+from gemma4vl.models.attention_kernels import ATTENTION_KERNELS
 
 CHOICES = {
     "trainer.device": ("cpu", "cuda"),
     "trainer.precision": ("fp32", "bf16"),
     "trainer.recompute": ("none", "full", "selective"),
+    "trainer.attention_kernel": tuple(ATTENTION_KERNELS),
     "optim.main_grads_dtype": ("fp32", "bf16"),
     "optim.optimizer": ("adam", "sgd"),
     "optim.decay_style": ("cosine", "linear", "constant"),
@@ -160,6 +162,9 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *, fused_adam:
                       f"(DP = world {world_size} / (TP {p.tensor} * PP {p.pipeline} * CP {p.context}))")
     if t.device == "cpu" and t.precision != "fp32":
         errors.append(f"trainer.precision={t.precision!r} on trainer.device='cpu': the CPU backend trains in fp32")
+    if t.device == "cpu" and t.attention_kernel != "dense":
+        errors.append(f"trainer.attention_kernel={t.attention_kernel!r} needs trainer.device='cuda': FlexAttention has "
+                      "no backward on CPU (torch 2.13); use trainer.attention_kernel=dense on CPU")
     if cfg.peft.method == "lora" and t.freeze_language_model:
         errors.append("peft.method=lora already freezes the base model; drop trainer.freeze_language_model")
     if cfg.export.enabled and cfg.export.format != "merged":

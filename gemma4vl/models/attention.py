@@ -16,8 +16,9 @@ Megatron-Core's grouped layout ``[q heads of group g, k_g, v_g]`` per key/value 
 rows exist (the bridge fills them with a copy of the key rows) but are not read: values are the raw key rows'
 output, exactly as the reference computes them.
 
-Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` with an explicit boolean mask
-(:mod:`gemma4vl.models.masks`), on CPU and on GPUs alike; it handles both head dimensions.
+The attention itself runs through one of the kernels of :mod:`gemma4vl.models.attention_kernels`, per layer type:
+``dense`` (SDPA with an explicit boolean mask from :mod:`gemma4vl.models.masks`; the reference, CPU and GPU) or
+``flex`` (FlexAttention with a block mask; GPUs). Both handle both head dimensions.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -34,6 +34,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide, get_pg_size
 
 from gemma4vl.models.arch import FULL, SLIDING, Gemma4Arch
+from gemma4vl.models.attention_kernels import (
+    FLEX,
+    dense_attention_kernel,
+    flex_attention_kernel,
+    kernels_per_layer_type,
+)
 from gemma4vl.models.norms import rms_normalize
 
 
@@ -86,6 +92,7 @@ class Gemma4SelfAttention(MegatronModule):
         submodules: Gemma4AttentionSubmodules,
         layer_number: int,
         arch: Gemma4Arch,
+        attention_kernel: str = "dense",
         pg_collection: ProcessGroupCollection | None = None,
         cp_comm_type: str | None = None,
         pp_layer_offset: int | None = None,
@@ -99,6 +106,11 @@ class Gemma4SelfAttention(MegatronModule):
         self.arch = arch
         self.layer_type = arch.layer_type(layer_number)
         self.spec = arch.attention(self.layer_type)
+        # "dense" or "flex": this layer's attention kernel (see gemma4vl.models.attention_kernels).
+        self.kernel = kernels_per_layer_type(attention_kernel)[self.layer_type]
+        if self.kernel == FLEX and config.attention_dropout > 0:
+            raise ValueError(f"attention_kernel={attention_kernel!r}: FlexAttention has no attention dropout "
+                             f"(attention_dropout={config.attention_dropout}); use the dense kernel or 0")
         config = layer_config(config, arch, self.layer_type)
         super().__init__(config=config)
         if pg_collection is None:
@@ -168,10 +180,11 @@ class Gemma4SelfAttention(MegatronModule):
         return {name: _restack(item, self.layer_type, index, total, len(types)) for name, item in state.items()}
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, rotary_angles: torch.Tensor
+        self, hidden_states: torch.Tensor, attention_mask, rotary_angles: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``hidden_states`` [s(/tp), b, h]; ``attention_mask`` [b, 1, s, s] bool, True = masked out;
-        ``rotary_angles`` [s, b, 1, head_dim] float32. Returns (output [s(/tp), b, h], bias or None)."""
+        """``hidden_states`` [s(/tp), b, h]; ``attention_mask``: for the dense kernel [b, 1, s, s] bool, True =
+        masked out, for the flex kernel the layer type's ``BlockMask``; ``rotary_angles`` [s, b, 1, head_dim]
+        float32. Returns (output [s(/tp), b, h], bias or None)."""
         mixed, _ = self.linear_qkv(hidden_states)
         s, b = mixed.shape[:2]
         mixed = mixed.view(s, b, self.groups_per_partition, (self.heads_per_group + 2) * self.head_dim)
@@ -186,14 +199,13 @@ class Gemma4SelfAttention(MegatronModule):
         k = apply_rope(self.k_layernorm(k), rotary_angles)
         v = rms_normalize(v, eps)
 
-        # [s, b, n, d] -> [b, n, s, d]; expand key/value groups to the query heads they serve.
+        # [s, b, n, d] -> [b, n, s, d]; query head i reads key/value group i // heads_per_group.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        k = k.repeat_interleave(self.heads_per_group, dim=1)
-        v = v.repeat_interleave(self.heads_per_group, dim=1)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=1.0
-        )
+        if self.kernel == FLEX:
+            context = flex_attention_kernel(q, k, v, attention_mask)
+        else:
+            dropout = self.config.attention_dropout if self.training else 0.0
+            context = dense_attention_kernel(q, k, v, attention_mask, dropout)
         context = context.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_partition * self.head_dim)
         return self.linear_proj(context)
 

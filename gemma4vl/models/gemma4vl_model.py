@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from gemma4vl.models.arch import Gemma4Arch
 from gemma4vl.models.language_model import Gemma4LanguageModel
-from gemma4vl.models.masks import build_attention_masks
+from gemma4vl.models.attention_kernels import build_dense_masks, build_flex_masks, kernels_per_layer_type
 from gemma4vl.models.vision import Gemma4VisionEmbedder, build_vision_tower
 
 
@@ -44,9 +44,12 @@ class Gemma4VLModel(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
         vp_stage: int | None = None,
         vision_attn_implementation: str = "sdpa",
+        attention_kernel: str = "dense",
     ):
         super().__init__(config=config)
         self.arch = arch
+        # Layer type -> "dense" | "flex": which masks the forward builds (gemma4vl.models.attention_kernels).
+        self.attention_kernels = kernels_per_layer_type(attention_kernel)
         self.pre_process = pre_process
         self.post_process = post_process
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
@@ -61,6 +64,7 @@ class Gemma4VLModel(MegatronModule):
             share_embeddings_and_output_weights=share_embeddings_and_output_weights,
             pg_collection=pg_collection,
             vp_stage=vp_stage,
+            attention_kernel=attention_kernel,
         )
         self.vision_tower = None
         self.embed_vision = None
@@ -130,11 +134,14 @@ class Gemma4VLModel(MegatronModule):
         """Per-token loss [b, s] when ``labels`` is given, logits [b, s, V] otherwise (last stage), or hidden
         states for the next pipeline stage."""
         decoder_input = self.embed(input_ids, pixel_values, image_position_ids) if self.pre_process else None
-        masks = build_attention_masks(self.arch, segment_ids, mm_token_type_ids)
+        # Built once per micro batch, shared by every layer of a type.
+        dense_masks = build_dense_masks(self.arch, self.attention_kernels, segment_ids, mm_token_type_ids)
+        block_masks = build_flex_masks(self.arch, self.attention_kernels, segment_ids, mm_token_type_ids)
         return self.language_model(
             input_ids=None,
             position_ids=position_ids,
-            attention_mask=masks,
+            attention_mask=dense_masks,
+            block_masks=block_masks,
             decoder_input=decoder_input,
             labels=labels,
             runtime_gather_output=runtime_gather_output,

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.utils import get_pg_rank
 
 from gemma4vl.models.arch import Gemma4Arch
+from gemma4vl.models.attention_kernels import FlexBlockMasks
 from gemma4vl.models.layer import gemma4_block_spec
 from gemma4vl.models.loss import softcapped_cross_entropy
 
@@ -41,6 +42,7 @@ class Gemma4LanguageModel(GPTModel):
         share_embeddings_and_output_weights: bool = True,
         pg_collection: ProcessGroupCollection | None = None,
         vp_stage: int | None = None,
+        attention_kernel: str = "dense",
     ):
         if len(arch.layer_types) != config.num_layers:
             raise ValueError(
@@ -50,7 +52,8 @@ class Gemma4LanguageModel(GPTModel):
         num_local_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
         super().__init__(
             config=config,
-            transformer_layer_spec=gemma4_block_spec(arch, config.num_moe_experts, num_local_layers),
+            transformer_layer_spec=gemma4_block_spec(arch, config.num_moe_experts, num_local_layers,
+                                                     attention_kernel),
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
@@ -84,6 +87,7 @@ class Gemma4LanguageModel(GPTModel):
         decoder_input: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         runtime_gather_output: bool | None = None,
+        block_masks: FlexBlockMasks | None = None,
         **unused,
     ) -> torch.Tensor:
         """Run the decoder.
@@ -91,7 +95,9 @@ class Gemma4LanguageModel(GPTModel):
         Args:
             input_ids: [b, s] token ids (first stage, when ``decoder_input`` is None).
             position_ids: [b, s] RoPE positions (restarting per packed sample).
-            attention_mask: [2, b, 1, s, s] bool masks (sliding, full), True = masked out.
+            attention_mask: [2, b, 1, s, s] bool masks (sliding, full), True = masked out, for the layers that
+                run the dense attention kernel (None if none does).
+            block_masks: FlexAttention block masks for the layers that run the flex kernel (None if none does).
             decoder_input: [s(/tp), b, h] ready embeddings (first stage), e.g. with image features scattered in.
             labels: [b, s] targets, ``IGNORE_INDEX`` where no loss is wanted.
             runtime_gather_output: gather vocab-parallel logits over tensor-parallel ranks.
@@ -108,6 +114,9 @@ class Gemma4LanguageModel(GPTModel):
             hidden_states=decoder_input,
             attention_mask=attention_mask,
             rotary_pos_emb=rotary_angles(self.arch, position_ids),
+            # Block masks are not tensors: they cannot go through the recompute's save_for_backward with
+            # attention_mask (see gemma4vl.models.attention_kernels).
+            packed_seq_params=block_masks,
         )
         if not self.post_process:
             return hidden_states

@@ -23,6 +23,7 @@ from functools import partial
 
 from gemma4vl.models.arch import Gemma4Arch
 from gemma4vl.models.attention import Gemma4AttentionSubmodules, Gemma4SelfAttention
+from gemma4vl.models.attention_kernels import FLEX, FlexBlockMasks
 from gemma4vl.models.masks import FULL_INDEX, SLIDING_INDEX
 from gemma4vl.models.arch import SLIDING
 from gemma4vl.models.moe import gemma4_moe_builder
@@ -61,13 +62,27 @@ class Gemma4TransformerLayer(TransformerLayer):
         self.register_buffer("layer_scalar", torch.ones(1, dtype=config.params_dtype))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None, **unused):
-        """``attention_mask``: [2, b, 1, s, s] (sliding, full) from :func:`gemma4vl.models.masks.build_attention_masks`;
-        ``rotary_pos_emb``: (sliding angles, full angles) from :func:`gemma4vl.models.masks.rotary_angles`."""
+                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                packed_seq_params: FlexBlockMasks | None = None, **unused):
+        """``attention_mask``: [2, b, 1, s, s] (sliding, full) from :func:`gemma4vl.models.masks.build_attention_masks`
+        (dense-kernel layers); ``packed_seq_params``: the micro batch's
+        :class:`~gemma4vl.models.attention_kernels.FlexBlockMasks` (flex-kernel layers; see that module for why they
+        travel in this slot); ``rotary_pos_emb``: (sliding angles, full angles) from
+        :func:`gemma4vl.models.masks.rotary_angles`."""
         index = SLIDING_INDEX if self.layer_type == SLIDING else FULL_INDEX
+        if self.self_attention.kernel == FLEX:
+            if not isinstance(packed_seq_params, FlexBlockMasks):
+                raise ValueError(f"layer {self.layer_number} ({self.layer_type}) runs FlexAttention and needs the "
+                                 f"micro batch's FlexBlockMasks, got {type(packed_seq_params).__name__}")
+            mask = packed_seq_params.for_layer_type(self.layer_type)
+        else:
+            if attention_mask is None:
+                raise ValueError(f"layer {self.layer_number} ({self.layer_type}) runs the dense attention kernel "
+                                 "and needs the [2, b, 1, s, s] attention masks, got None")
+            mask = attention_mask[index]
         residual = hidden_states
         attn_out, attn_bias = self.self_attention(
-            self.input_layernorm(hidden_states), attention_mask[index], rotary_pos_emb[index]
+            self.input_layernorm(hidden_states), mask, rotary_pos_emb[index]
         )
         if attn_bias is not None:
             attn_out = attn_out + attn_bias
@@ -82,8 +97,9 @@ class Gemma4TransformerLayer(TransformerLayer):
         return output, None
 
 
-def gemma4_layer_spec(arch: Gemma4Arch, num_experts: int | None) -> ModuleSpec:
-    """The layer spec shared by every Gemma 4 decoder layer (the layer number selects sliding or full)."""
+def gemma4_layer_spec(arch: Gemma4Arch, num_experts: int | None, attention_kernel: str = "dense") -> ModuleSpec:
+    """The layer spec shared by every Gemma 4 decoder layer (the layer number selects sliding or full);
+    ``attention_kernel`` is a ``trainer.attention_kernel`` value (:mod:`gemma4vl.models.attention_kernels`)."""
     if arch.enable_moe_block:
         if not num_experts:
             raise ValueError("enable_moe_block needs num_moe_experts")
@@ -93,7 +109,7 @@ def gemma4_layer_spec(arch: Gemma4Arch, num_experts: int | None) -> ModuleSpec:
                       submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     attention = ModuleSpec(
         module=Gemma4SelfAttention,
-        params={"arch": arch},
+        params={"arch": arch, "attention_kernel": attention_kernel},
         submodules=Gemma4AttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
             linear_proj=RowParallelLinear,
@@ -115,7 +131,8 @@ def gemma4_layer_spec(arch: Gemma4Arch, num_experts: int | None) -> ModuleSpec:
     )
 
 
-def gemma4_block_spec(arch: Gemma4Arch, num_experts: int | None, num_local_layers: int) -> TransformerBlockSubmodules:
+def gemma4_block_spec(arch: Gemma4Arch, num_experts: int | None, num_local_layers: int,
+                      attention_kernel: str = "dense") -> TransformerBlockSubmodules:
     """Decoder block spec for the ``num_local_layers`` layers of this pipeline stage, with the final norm."""
-    spec = gemma4_layer_spec(arch, num_experts)
+    spec = gemma4_layer_spec(arch, num_experts, attention_kernel)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_local_layers, layer_norm=Gemma4RMSNorm)

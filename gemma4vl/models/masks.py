@@ -13,6 +13,11 @@ The masks reproduce the reference (transformers >= 5.13, as Google's reference a
 
 Padding keys are never seen by real tokens. Every token, padding included, sees itself, so no softmax row is
 empty (a padding query's output is never used).
+
+The same rules exist twice, on purpose: :func:`build_attention_masks` materialises them as dense [s, s] masks
+(the reference, used by the ``dense`` attention kernel), :func:`attention_mask_mods` states them per (query, key)
+pair as FlexAttention ``mask_mod`` predicates, from which :mod:`gemma4vl.models.attention_kernels` builds block
+masks. Tests compare the two element for element.
 """
 
 from __future__ import annotations
@@ -61,6 +66,35 @@ def build_attention_masks(
     sliding = (same_sample & (kv > q - window) & see) | diagonal
 
     return torch.stack([~sliding, ~full]).unsqueeze(2)
+
+
+def attention_mask_mods(arch: Gemma4Arch, segment_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None):
+    """The masks of :func:`build_attention_masks` as FlexAttention ``mask_mod`` predicates: (sliding, full).
+
+    Each is ``mod(b, h, q, kv) -> bool`` (True = attend; the head index is unused), written with plain indexing
+    and comparisons so that it works on 0-d indices (FlexAttention's vmap and its compiled kernels) and on any
+    broadcastable index tensors alike (e.g. ``b`` [B, 1, 1], ``q`` [1, Q, 1], ``kv`` [1, 1, K] give [B, Q, K])."""
+    segments = segment_ids
+    window = arch.sliding.window
+    images = None
+    if arch.bidirectional_image_attention and mm_token_type_ids is not None:
+        images = image_block_ids(mm_token_type_ids, segment_ids)
+
+    def same_sample(b, q, kv):
+        kv_segment = segments[b, kv]
+        return (segments[b, q] == kv_segment) & (kv_segment > 0)
+
+    def full(b, h, q, kv):
+        return (same_sample(b, q, kv) & (kv <= q)) | (q == kv)
+
+    def sliding(b, h, q, kv):
+        see = kv <= q
+        if images is not None:
+            q_image = images[b, q]
+            see = see | ((q_image == images[b, kv]) & (q_image >= 0))
+        return (same_sample(b, q, kv) & (kv > q - window) & see) | (q == kv)
+
+    return sliding, full
 
 
 def rotary_angles(arch: Gemma4Arch, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
