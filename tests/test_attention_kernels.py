@@ -24,11 +24,14 @@ from torch.nn.attention.flex_attention import create_mask
 
 from gemma4vl.models.arch import FULL, SLIDING, AttentionSpec, Gemma4Arch, RopeSpec
 from gemma4vl.models.attention_kernels import (
+    FLEX_BLOCK_SIZE,
+    FLEX_KERNEL_OPTIONS,
     FlexBlockMasks,
     build_block_mask,
     build_flex_masks,
     dense_attention_kernel,
     flex_attention_kernel,
+    flex_kernel_options,
     kernels_per_layer_type,
 )
 from gemma4vl.models.masks import FULL_INDEX, SLIDING_INDEX, attention_mask_mods, build_attention_masks
@@ -220,6 +223,18 @@ def test_kernel_choices():
     with pytest.raises(ValueError, match="no FlexAttention block mask was built for full_attention"):
         masks.for_layer_type(FULL)
     assert build_flex_masks(_arch(8), kernels_per_layer_type("dense"), segments, mm) is None
+
+
+def test_kernel_options_tiles_divide_the_block_mask_tiles():
+    """Every tile size in FLEX_KERNEL_OPTIONS divides FLEX_BLOCK_SIZE (the kernel walks the block mask's 128-token
+    tiles in its own tiles), and every entry keeps the guard-free rows option."""
+    for (dtype, head_dim), options in FLEX_KERNEL_OPTIONS.items():
+        merged = flex_kernel_options(dtype, head_dim)
+        assert merged["ROWS_GUARANTEED_SAFE"] is True
+        blocks = {k: v for k, v in options.items() if "BLOCK" in k}
+        assert blocks and all(FLEX_BLOCK_SIZE % v == 0 for v in blocks.values()), (dtype, head_dim, blocks)
+    assert flex_kernel_options(torch.float32, 512)["fwd_num_stages"] == 1
+    assert flex_kernel_options(torch.bfloat16, 256) == {"ROWS_GUARANTEED_SAFE": True}  # torch's tuned defaults
 
 
 # ----------------------------------------------------------------------------------------------------- model level

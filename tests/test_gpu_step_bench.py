@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_gpu_check_script_runs_the_gpu_tests_then_the_bench_in_its_budget(tmp_pa
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_step.log", "gpu_tests.log", "versions.txt"]
     assert "no CUDA device" in (out / "versions.txt").read_text()
-    assert "5 skipped, 21 deselected" in (out / "gpu_tests.log").read_text()
+    assert re.search(r"\b5 skipped, \d+ deselected", (out / "gpu_tests.log").read_text())  # the 5 gpu tests
     assert "== tests: exit status 0 after" in proc.stdout
     left = int(proc.stdout.split("== bench/gpu_step.py (at most ")[1].split(" s;")[0])
     deadline = int(proc.stdout.split("sections not started by ")[1].split(" s ")[0])

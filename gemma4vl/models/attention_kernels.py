@@ -49,20 +49,25 @@ FLEX_BLOCK_SIZE = 128
 must divide it."""
 
 # Triton tile sizes per (dtype, head dimension), forward (fwd_*) and backward (bwd_*); anything not listed keeps
-# torch's own choice. Head dim 256 keeps torch's defaults (torch 2.13 has tuned H100 / A100 entries for it), and so
-# does float32 (torch picks small tiles for it). bf16 at head dim 512 has no tuned entry: torch falls back to a
+# torch's own choice. Head dim 256 keeps torch's defaults (torch 2.13 has tuned H100 / A100 entries for it), in
+# float32 too (torch picks small tiles for it). bf16 at head dim 512 has no tuned entry: torch falls back to a
 # forward tile of 64 x 32 with 3 pipeline stages and a backward of 64 x 64 tiles with 2, whose K/V (and Q/dO)
 # stages alone take 3 x 2 x 32 x 512 x 2 B = 192 KiB (forward) and more in the backward, near or past an H100's
 # 227 KiB of shared memory per block. The entry below fits it by arithmetic (forward: Q 64 x 512 plus 2 stages of
 # K and V 32 x 512 = 192 KiB; backward: 32-row tiles, 1 stage) and keeps the fp32 accumulators at 128 registers
 # per thread (8 warps). It is NOT measured yet (no GPU in the session that wrote it): bench/gpu_step.py section
 # (a) times it against torch's defaults and an alternative; replace it by what that finds.
+# float32 runs only in numerics checks (tests, bench section (d)), where speed does not matter: at head dim 512
+# torch's fp32 forward tile (32 x 16, 3 stages) puts Q 32 x 512 x 4 B = 64 KiB plus 3 stages of K and V 16 x 512 x 4 B
+# = 192 KiB in shared memory, 256 KiB in all, past 227; one stage (128 KiB) fits. Its fp32 backward (16 x 16 tiles,
+# 1 stage) fits.
 FLEX_KERNEL_OPTIONS: dict[tuple[torch.dtype, int], dict[str, int | bool]] = {
     (torch.bfloat16, 512): {
         "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 32, "fwd_num_stages": 2, "fwd_num_warps": 8,
         "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
         "bwd_num_stages": 1, "bwd_num_warps": 8,
     },
+    (torch.float32, 512): {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 16, "fwd_num_stages": 1, "fwd_num_warps": 4},
 }
 
 # Every mask row allows at least its diagonal (masks.py: every token sees itself), which lets the kernel skip its
