@@ -28,3 +28,16 @@ def megatron_cpu():
         initialize_model_parallel("cpu")
     yield
     destroy_model_parallel()
+
+
+@pytest.fixture
+def ckpt_copy(tmp_path_factory, tmp_path):
+    """A private, writable copy of the tiny fp32 checkpoint (one safetensors file), for tests that damage it."""
+    import shutil
+
+    from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
+
+    src = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32").path
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst

@@ -5,7 +5,6 @@ Library-level checks here; the recipe-level ones (exit status, message, input fi
 ``python -m recipes.finetune`` in a subprocess. docs/training.md has the table of what each bad input gives.
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -20,20 +19,10 @@ import yaml
 from gemma4vl.config.validate import ConfigError, parse_size, validate
 from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
 
+from test_bad_input_import import snapshot as tree_digest  # every file's sha256 and link target under a dir
 from test_config import compose_run, hf_configs  # noqa: F401  (hf_configs: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file below ``root`` (symlinks as their target text)."""
-    out = {}
-    for p in sorted(Path(root).rglob("*")):
-        if p.is_symlink():
-            out[str(p.relative_to(root))] = "link:" + os.readlink(p)
-        elif p.is_file():
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,19 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gemma4vl.testing.megatron_harness import load_megatron
-from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
 
 L1 = "model.language_model.layers.1."
 L2 = "model.language_model.layers.2."
-
-
-@pytest.fixture
-def ckpt(tmp_path_factory, tmp_path):
-    """A private, writable copy of the tiny fp32 checkpoint (one safetensors file)."""
-    src = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32").path
-    dst = tmp_path / "ckpt"
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _edit_weights(path, edit):
@@ -40,80 +29,80 @@ def _load_error(path, megatron_cpu):
     return str(e.value)
 
 
-def test_missing_tensor(megatron_cpu, ckpt):
-    _edit_weights(ckpt, lambda t: t.pop(L1 + "self_attn.k_norm.weight"))
-    msg = _load_error(ckpt, megatron_cpu)
+def test_missing_tensor(megatron_cpu, ckpt_copy):
+    _edit_weights(ckpt_copy, lambda t: t.pop(L1 + "self_attn.k_norm.weight"))
+    msg = _load_error(ckpt_copy, megatron_cpu)
     assert "missing tensor" in msg and L1 + "self_attn.k_norm.weight" in msg
 
 
-def test_extra_tensor(megatron_cpu, ckpt):
+def test_extra_tensor(megatron_cpu, ckpt_copy):
     # Layer 1 is a full-attention K=V layer: a v_proj there is not part of the architecture.
-    _edit_weights(ckpt, lambda t: t.__setitem__(L1 + "self_attn.v_proj.weight", torch.zeros(32, 64)))
-    msg = _load_error(ckpt, megatron_cpu)
+    _edit_weights(ckpt_copy, lambda t: t.__setitem__(L1 + "self_attn.v_proj.weight", torch.zeros(32, 64)))
+    msg = _load_error(ckpt_copy, megatron_cpu)
     assert "unexpected tensor" in msg and L1 + "self_attn.v_proj.weight" in msg
 
 
-def test_wrong_shape(megatron_cpu, ckpt):
-    _edit_weights(ckpt, lambda t: t.__setitem__(L2 + "router.scale", torch.ones(63)))
-    msg = _load_error(ckpt, megatron_cpu)
+def test_wrong_shape(megatron_cpu, ckpt_copy):
+    _edit_weights(ckpt_copy, lambda t: t.__setitem__(L2 + "router.scale", torch.ones(63)))
+    msg = _load_error(ckpt_copy, megatron_cpu)
     assert L2 + "router.scale" in msg and "[63]" in msg and "[64]" in msg
 
 
-def test_truncated_safetensors(megatron_cpu, ckpt):
-    f = ckpt / "model.safetensors"
+def test_truncated_safetensors(megatron_cpu, ckpt_copy):
+    f = ckpt_copy / "model.safetensors"
     size = f.stat().st_size
     with f.open("r+b") as fh:
         fh.truncate(size - 1000)
-    msg = _load_error(ckpt, megatron_cpu)
+    msg = _load_error(ckpt_copy, megatron_cpu)
     assert "model.safetensors" in msg and "truncated" in msg and str(size - 1000) in msg
 
 
-def test_corrupt_safetensors_header(megatron_cpu, ckpt):
-    f = ckpt / "model.safetensors"
+def test_corrupt_safetensors_header(megatron_cpu, ckpt_copy):
+    f = ckpt_copy / "model.safetensors"
     data = bytearray(f.read_bytes())
     data[8:40] = b"\xff" * 32  # garbage where the JSON header starts
     f.write_bytes(bytes(data))
-    msg = _load_error(ckpt, megatron_cpu)
+    msg = _load_error(ckpt_copy, megatron_cpu)
     assert "model.safetensors" in msg and "corrupt" in msg
 
 
-def test_config_that_does_not_match_the_weights(megatron_cpu, ckpt):
-    cfg = json.loads((ckpt / "config.json").read_text())
+def test_config_that_does_not_match_the_weights(megatron_cpu, ckpt_copy):
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
     cfg["text_config"]["moe_intermediate_size"] = 48  # the checkpoint's experts are 32 wide
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    msg = _load_error(ckpt, megatron_cpu)
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    msg = _load_error(ckpt_copy, megatron_cpu)
     assert "experts.gate_up_proj" in msg and "the config implies [4, 96, 64]" in msg
 
 
-def test_missing_config_field_is_an_error_not_a_default(megatron_cpu, ckpt):
-    cfg = json.loads((ckpt / "config.json").read_text())
+def test_missing_config_field_is_an_error_not_a_default(megatron_cpu, ckpt_copy):
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
     del cfg["text_config"]["global_head_dim"]
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    msg = _load_error(ckpt, megatron_cpu)
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    msg = _load_error(ckpt_copy, megatron_cpu)
     assert "config.json" in msg and "'global_head_dim'" in msg
 
 
-def test_zero_divisor_in_fusion(megatron_cpu, ckpt):
+def test_zero_divisor_in_fusion(megatron_cpu, ckpt_copy):
     def zero(t):
         w = t[L2 + "pre_feedforward_layernorm_2.weight"]
         w[5] = 0.0
-    _edit_weights(ckpt, zero)
-    msg = _load_error(ckpt, megatron_cpu)
+    _edit_weights(ckpt_copy, zero)
+    msg = _load_error(ckpt_copy, megatron_cpu)
     assert "layer 2" in msg and "pre_feedforward_layernorm_2" in msg and "[5]" in msg
 
 
-def test_export_with_non_finite_weights_leaves_nothing(megatron_cpu, ckpt, tmp_path):
+def test_export_with_non_finite_weights_leaves_nothing(megatron_cpu, ckpt_copy, tmp_path):
     from gemma4vl.bridge.checkpoint import CheckpointError
     from gemma4vl.export import export_hf_checkpoint
 
-    bridge, model = load_megatron(ckpt)
+    bridge, model = load_megatron(ckpt_copy)
     with torch.no_grad():
         model[0].language_model.decoder.layers[3].post_mlp_layernorm.weight[0] = float("nan")
     out = tmp_path / "export"
     with pytest.raises(CheckpointError, match="non-finite"):
         export_hf_checkpoint(bridge, model, out)
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == [ckpt]  # no partial directory left behind either
+    assert list(tmp_path.iterdir()) == [ckpt_copy]  # no partial directory left behind either
 
 
 KILLED_EXPORT = textwrap.dedent("""
@@ -136,9 +125,9 @@ KILLED_EXPORT = textwrap.dedent("""
 """)
 
 
-def test_killed_export_leaves_no_complete_looking_directory(ckpt, tmp_path):
+def test_killed_export_leaves_no_complete_looking_directory(ckpt_copy, tmp_path):
     out = tmp_path / "exports" / "hf_export"
-    proc = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(ckpt), str(out)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(ckpt_copy), str(out)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not out.exists()

@@ -177,8 +177,8 @@ def inputs(tmp_path_factory):
 
 def overrides(inputs, run_dir, *extra):
     ckpt, data = inputs
-    return [f"hydra.run.dir={run_dir}", f"model.hf_path={ckpt}", "model.generate_fixture=null", f"data.path={data}",
-            "data.generate_demo=false", "data.seq_length=512", "data.num_workers=0", "data.persistent_workers=false",
+    return [f"hydra.run.dir={run_dir}", f"model.hf_path={ckpt}", f"data.path={data}",
+            "data.seq_length=512", "data.num_workers=0", "data.persistent_workers=false",
             f"trainer.train_iters={STEPS}", "trainer.global_batch_size=2", "trainer.log_interval=1",
             "trainer.eval_interval=null", "checkpoint.save_interval=100", "checkpoint.keep_last=null",
             "optim.warmup_iters=2", *extra]

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from gemma4vl.bridge.adapters import AdapterFormatError
 from gemma4vl.bridge.checkpoint import CheckpointError, scan_checkpoint
+from gemma4vl.export.hf_export import replace_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -115,7 +116,7 @@ def export_hf_adapter(auto_bridge, model, out_dir: str | Path, lora, *, overwrit
                       metadata={"format": "pt"})
             (tmp_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             num_parameters = verify_adapter(tmp_dir, source_dir)
-            _replace(tmp_dir, out_dir)
+            replace_dir(tmp_dir, out_dir)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
@@ -182,12 +183,3 @@ def verify_adapter(adapter_dir: str | Path, source_dir: str | Path) -> int:
         raise CheckpointError(f"{adapter_dir}: target module(s) without both LoRA matrices: {incomplete[:5]}")
     return sum(t.numel() for t in tensors.values())
 
-
-def _replace(tmp_dir: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-        tmp_dir.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp_dir.rename(out_dir)

@@ -108,7 +108,7 @@ def export_hf_checkpoint(
         if writer:
             _write_metadata(source_dir, tmp_dir, shards, weight_map, num_bytes, dtype)
             _verify(tmp_dir, weight_map)
-            _replace(tmp_dir, out_dir)
+            replace_dir(tmp_dir, out_dir)
             report = ExportReport(out_dir, len(weight_map), num_bytes, shards, dtype, time.time() - start)
     except BaseException:
         if writer:
@@ -209,7 +209,10 @@ def recover_interrupted_export(out_dir: Path) -> list[Path]:
     return touched
 
 
-def _replace(tmp_dir: Path, out_dir: Path) -> None:
+def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
+    """Put the complete ``tmp_dir`` at ``out_dir``: a previous ``out_dir`` is moved aside to ``.<name>.old-<pid>``
+    first and removed after the rename, so a kill at any point leaves either export whole
+    (:func:`recover_interrupted_export` tidies up at the next start)."""
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         out_dir.rename(old)

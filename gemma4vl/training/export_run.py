@@ -196,8 +196,10 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, format: str |
             export_hf_adapter(auto_bridge, model, staged["adapter"], lora, overwrite=True)
         diffs = _verify(cfg, model, hf_dir, staged.get("merged"), staged.get("adapter")) if verify else {}
         if writer:
+            from gemma4vl.export.hf_export import replace_dir
+
             for kind, path in final.items():
-                _replace(staged[kind], path)
+                replace_dir(staged[kind], path)
         if dist.is_initialized():
             dist.barrier()
     finally:
@@ -209,15 +211,6 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, format: str |
         return None
     return ExportRunResult(step, final.get("merged"), final.get("adapter"), diffs)
 
-
-def _replace(new: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        dest.rename(old)
-        new.rename(dest)
-        shutil.rmtree(old)
-    else:
-        new.rename(dest)
 
 
 def _verify(cfg: RunConfig, model, hf_dir: Path, merged_dir, adapter_dir) -> dict[str, float]:
