@@ -83,6 +83,9 @@ class Gemma4VLSFTDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.bad_rows = bad_rows
         self.skipped = BadRowCounter(rows.name, log_limit)
+        self.row_stats = (plan.num_rows, sum(n for reason, n in plan.skipped().items() if reason not in LENGTH_REASONS))
+        """(rows of the split, rows the length pass refused for a reason other than length): sent with every item
+        for the trainer's skip accounting; computed once (a pass over the plan's status array)."""
         bins = plan.num_bins
         self.num_epochs = max(1, -(-int(num_samples) // bins)) if num_samples else 1
         self._perm: tuple[int, np.ndarray] | None = None
@@ -142,7 +145,4 @@ class Gemma4VLSFTDataset(torch.utils.data.Dataset):
         item["row_stats"] = self.row_stats
         return item
 
-    @property
-    def row_stats(self) -> tuple[int, int]:
-        """(rows of the split, rows refused by the length pass for a reason other than length)."""
-        return self.plan.num_rows, sum(n for reason, n in self.plan.skipped().items() if reason not in LENGTH_REASONS)
+

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -124,23 +125,32 @@ def _split_files(directory: Path) -> dict[str, list[str]]:
 
 def _bad_jsonl_lines(files: list[str]) -> list[str]:
     """``file:line: error`` for every non-blank line of the ``.jsonl`` files that is not a JSON object."""
+    bad = []
+    for f in files:
+        if Path(f).suffix.lower() == ".jsonl":
+            st = os.stat(f)
+            bad += _bad_lines_of(f, st.st_size, st.st_mtime_ns)
+    return bad
+
+
+@functools.lru_cache(maxsize=64)
+def _bad_lines_of(path: str, size: int, mtime_ns: int) -> list[str]:
+    """One file's scan, cached per (path, size, mtime): the run's pre-flight check and the dataset provider load
+    the same files in one process, and the scan parses every line."""
     import json
 
     bad = []
-    for f in files:
-        if Path(f).suffix.lower() != ".jsonl":
-            continue
-        with open(f, "rb") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except ValueError as e:
-                    bad.append(f"{f}:{number}: not valid JSON ({e})")
-                    continue
-                if not isinstance(value, dict):
-                    bad.append(f"{f}:{number}: a JSON {type(value).__name__}, expected an object (one row per line)")
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as e:
+                bad.append(f"{path}:{number}: not valid JSON ({e})")
+                continue
+            if not isinstance(value, dict):
+                bad.append(f"{path}:{number}: a JSON {type(value).__name__}, expected an object (one row per line)")
     return bad
 
 
