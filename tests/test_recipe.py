@@ -134,7 +134,8 @@ def test_finetune_end_to_end(inputs, tmp_path):
     assert got[8] < got[1] - 1.0
     val = [r for r in read_metrics(run_dir) if "val_loss" in r]
     assert [r["step"] for r in val] == [4, 8] and val[1]["val_loss"] < val[0]["val_loss"]
-    assert "step 8/8 | loss" in out and "tok/s" in out and "ETA" in out
+    assert "step 8/8 | loss" in out and "real tok/s" in out and "ETA" in out
+    assert_progress_lines_match_metrics(run_dir, steps=8)
     # wandb (offline): the loss history, and the validation answers table at each evaluation.
     (run_file,) = offline_run_files(run_dir / "wandb")
     history = wandb_history(run_file)
@@ -153,6 +154,24 @@ def test_finetune_end_to_end(inputs, tmp_path):
     index = json.loads((run_dir / "hf_export" / "model.safetensors.index.json").read_text())
     assert len(index["weight_map"]) == 119
     assert_export_matches_checkpoint(run_dir, inputs[0])
+
+
+def assert_progress_lines_match_metrics(run_dir, steps):
+    """The progress lines of Hydra's <run_dir>/finetune.log (log_interval=1: one per step): real tok/s is the
+    step's non-padding token count (metrics.jsonl ``real_tokens``) over its time; the counts are those of the
+    data: every step's real tokens lie between 1 and global batch x seq_length, and the padding is not counted."""
+    import re
+
+    text = (run_dir / "finetune.log").read_text()
+    lines = re.findall(r"step (\d+)/(\d+) \| loss \S+ \| grad norm \S+ \| lr \S+ \| ([\d.]+) real tok/s \| "
+                       r"(\S+) samples/s \| ETA", text)
+    assert [int(s) for s, *_ in lines] == list(range(1, steps + 1)), text[-2000:]
+    records = {r["step"]: r for r in read_metrics(run_dir) if "real_tokens" in r}
+    for step, total, tok_s, samples_s in lines:
+        r = records[int(step)]
+        assert 0 < r["real_tokens"] < 2 * 512 and r["samples"] >= 2
+        assert float(tok_s) == pytest.approx(r["real_tokens"] / r["seconds"], abs=0.051)
+        assert float(samples_s) == pytest.approx(r["samples"] / r["seconds"], rel=5e-3)  # 3 significant digits
 
 
 def _kill_after(proc, run_dir, step, sig, need_checkpoint=True):

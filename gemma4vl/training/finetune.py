@@ -174,7 +174,7 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     from gemma4vl.config.container import build_config_container
     from gemma4vl.training.callbacks import ProgressCallback
     from gemma4vl.training.bad_rows import BadRowCallback, BadRowMonitor
-    from gemma4vl.training.forward_step import ForwardStep
+    from gemma4vl.training.forward_step import ForwardStep, TokenCounter
 
     auto_bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
     container = build_config_container(cfg, auto_bridge, resume=resume)
@@ -187,8 +187,8 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     callbacks = CallbackManager()
     monitor = BadRowMonitor(cfg.data.max_skipped_fraction, cfg.data.bad_row_log_limit)
     callbacks.add(BadRowCallback(monitor))
-    callbacks.add(ProgressCallback(cfg.run_dir, cfg.trainer.log_interval,
-                                   tokens_per_step=cfg.trainer.global_batch_size * cfg.data.seq_length,
+    counter = TokenCounter()
+    callbacks.add(ProgressCallback(cfg.run_dir, cfg.trainer.log_interval, counter,
                                    total_steps=cfg.trainer.train_iters))
     answers = validation_answers_callback(cfg, hf_dir)
     if answers is not None:
@@ -199,7 +199,7 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     state.checkpoint_manager = out.checkpoint_manager
     preempted = False
     try:
-        train(ForwardStep(monitor), out.model, out.optimizer, out.scheduler, out.train_data_iterator,
+        train(ForwardStep(monitor, counter), out.model, out.optimizer, out.scheduler, out.train_data_iterator,
               out.valid_data_iterator, state, out.checkpoint_manager, out.pg_collection, callback_manager=callbacks)
     except SystemExit:
         # After an exit signal Megatron-Bridge saves a checkpoint and calls sys.exit(0) inside train(). Every rank
