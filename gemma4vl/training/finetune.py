@@ -176,6 +176,9 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     from gemma4vl.training.bad_rows import BadRowCallback, BadRowMonitor
     from gemma4vl.training.forward_step import ForwardStep, TokenCounter
 
+    from gemma4vl.runtime.log_noise import show_megatron_details
+
+    show_megatron_details(cfg.logger.megatron_details)
     auto_bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
     container = build_config_container(cfg, auto_bridge, resume=resume)
     runtime_config_update(container)
