@@ -21,7 +21,7 @@ from recipes.inputs import prepare_demo_inputs
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://gemma4vl.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run = to_run_config(cfg)
     prepare_demo_inputs(run)  # the demo's generated checkpoint / data, only where the config points at them
