@@ -71,3 +71,8 @@ def test_installed_package_runs_a_finetune_from_another_directory(tmp_path_facto
     lines = re.findall(r"step (\d+)/2 \| loss ([\d.]+)", (run_dir / "finetune.log").read_text())
     assert [s for s, _ in lines] == ["1", "2"] and all(0 < float(v) < 20 for _, v in lines)
     assert (run_dir / "hf_export" / "config.json").is_file()
+    # The export's model card: from what, on what, with which config (not the base model's card copied over).
+    card = (run_dir / "hf_export" / "README.md").read_text()
+    assert f"Finetuned with gemma4vl from `{ckpt}` for 2 steps (full finetuning) on `{data}` split `train` " \
+           "(format `messages`)." in card
+    assert "  train_iters: 2\n" in card and f"  path: {data}\n" in card

@@ -289,12 +289,26 @@ def _translate_sigusr1() -> None:
     signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
 
 
+def model_card(cfg: RunConfig, steps: int) -> str:
+    """The export's README.md: what it was finetuned from, on what data, with which config (the resolved run
+    config, as in <run_dir>/config.yaml)."""
+    config = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+    data = cfg.data.path if cfg.data.subset is None else f"{cfg.data.path} (subset {cfg.data.subset})"
+    revision = "" if cfg.data.revision is None else f", revision {cfg.data.revision}"
+    return (f"---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n---\n\n# {cfg.name}\n\n"
+            f"Finetuned with gemma4vl from `{cfg.model.hf_path}` for {steps} steps "
+            f"({'LoRA, merged' if cfg.peft.method != 'none' else 'full'} finetuning) on `{data}` split "
+            f"`{cfg.data.split}`{revision} (format `{cfg.data.format}`).\n\n"
+            f"The license and usage terms of the base model apply.\n\n## Config\n\n```yaml\n{config}```\n")
+
+
 def _export(cfg: RunConfig, state, model) -> Path | None:
     from gemma4vl.config.validate import parse_size
     from gemma4vl.export import export_hf_checkpoint
 
     report = export_hf_checkpoint(state.auto_bridge, model, cfg.export.dir, dtype=_export_dtype(cfg),
-                                  max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True)
+                                  max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True,
+                                  model_card=model_card(cfg, state.train_state.step))
     if report is not None:
         print(f"exported {report.num_tensors} tensors ({report.num_bytes / 1e9:.2f} GB, {report.dtype}) to "
               f"{report.path} in {report.seconds:.1f} s; verified", flush=True)
