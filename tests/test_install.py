@@ -76,3 +76,14 @@ def test_installed_package_runs_a_finetune_from_another_directory(tmp_path_facto
     assert f"Finetuned with gemma4vl from `{ckpt}` for 2 steps (full finetuning) on `{data}` split `train` " \
            "(format `messages`)." in card
     assert "  train_iters: 2\n" in card and f"  path: {data}\n" in card
+    # README "Use your export": the transformers pipeline call, on CPU in fp32 (the README's is bf16 on GPU).
+    code = f"""
+from transformers import pipeline
+pipe = pipeline("image-text-to-text", model={str(run_dir / "hf_export")!r}, dtype="float32", device_map="cpu")
+messages = [{{"role": "user", "content": [{{"type": "image", "image": "images/train_00000.png"}},
+                                         {{"type": "text", "text": "Which shape is in the picture?"}}]}}]
+out = pipe(text=messages, max_new_tokens=4)[0]["generated_text"][-1]
+print("ANSWER", out["role"], type(out["content"]).__name__)
+"""
+    used = subprocess.run([str(py), "-c", code], cwd=data, capture_output=True, text=True, timeout=300)
+    assert "ANSWER assistant str" in used.stdout, used.stdout[-2000:] + used.stderr[-2000:]
