@@ -35,7 +35,9 @@ def compose(overrides: list[str]):
     from gemma4vl.config.compose import to_run_config
 
     register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    import gemma4vl.conf
+
+    conf = Path(gemma4vl.conf.__file__).parent  # conf/ of the checkout, or the installed package's copy
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
         cfg.hydra.runtime.output_dir = cfg.hydra.run.dir

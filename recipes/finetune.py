@@ -22,7 +22,7 @@ from recipes.inputs import prepare_demo_inputs
 register_configs()
 
 
-@hydra_main(config_path="../conf", config_name="config")  # hydra.main behind the config allowlist
+@hydra_main(config_path="pkg://gemma4vl.conf", config_name="config")  # hydra.main behind the config allowlist
 def main(cfg: DictConfig) -> None:
     run = to_run_config(cfg)
     prepare_demo_inputs(run)  # the demo's generated checkpoint / data, only where the config points at them

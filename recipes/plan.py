@@ -12,16 +12,16 @@ add; ``recipes.finetune`` checks the same plan with what is actually installed.
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
 from gemma4vl.config import register_configs
 from gemma4vl.config.compose import to_run_config
+from gemma4vl.config.hydra_guard import hydra_main
 
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra_main(config_path="pkg://gemma4vl.conf", config_name="config")  # hydra.main behind the config allowlist
 def main(cfg: DictConfig) -> None:
     from gemma4vl.bridge import read_hf_config
     from gemma4vl.config.memory import GIB, architecture_dir, plan_memory

@@ -178,7 +178,7 @@ def test_bad_row_monitor_counts_and_stops_at_the_ceiling(caplog):
 def test_metrics_log_is_strict_json_when_a_step_has_no_loss(tmp_path):
     from gemma4vl.training.callbacks import ProgressCallback
 
-    cb = ProgressCallback(tmp_path, 1, 10, 2)
+    cb = ProgressCallback(tmp_path, 1, None, 2)
     cb._write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
     text = (tmp_path / "metrics.jsonl").read_text()
     assert text == '{"step": 1, "loss": null, "grad_norm": null, "lr": 0.001}\n'

@@ -227,9 +227,10 @@ def test_hub_name_goes_through_load_dataset(processor_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     cfg = config(processor_dir, "someone/vqa-set", thought_prefix="none", bad_rows="skip", max_skipped_fraction=0.5,
-                 cache_dir=str(tmp_path / "cache"))
+                 cache_dir=str(tmp_path / "cache"), subset="en", revision="0123abc")
     ds = cfg.build_split("train")
-    assert calls == [("someone/vqa-set", (), {"split": "train", "cache_dir": str(tmp_path / "cache" / "hf_datasets")})]
+    assert calls == [("someone/vqa-set", (), {"name": "en", "revision": "0123abc", "split": "train",
+                                              "cache_dir": str(tmp_path / "cache" / "hf_datasets")})]
     assert ds.plan.skipped() == {"missing_image": 1} and "no image directory (set image_root)" in ds.plan.examples[0]
     batch = ds.collate_fn([ds[0]])
     assert torch.equal(batch["input_ids"], reference[1]["input_ids"])

@@ -136,7 +136,12 @@ def test_finetune_end_to_end(inputs, tmp_path):
     assert got[8] < got[1] - 1.0
     val = [r for r in read_metrics(run_dir) if "val_loss" in r]
     assert [r["step"] for r in val] == [4, 8] and val[1]["val_loss"] < val[0]["val_loss"]
-    assert "step 8/8 | loss" in out and "tok/s" in out and "ETA" in out
+    assert "step 8/8 | loss" in out and "real tok/s" in out and "ETA" in out
+    assert_progress_lines_match_metrics(run_dir, steps=8)
+    # Megatron's noise is hidden by default (logger.megatron_details=false): its duplicate per-iteration line, the
+    # DDP bucket listing and the optional-import traceback; our own WARNINGs are not filtered.
+    assert "elapsed time per iteration" not in out and "Params for bucket" not in out
+    assert "FP8GlobalStateManager" not in out and "Traceback" not in out
     # wandb (offline): the loss history, and the validation answers table at each evaluation.
     (run_file,) = offline_run_files(run_dir / "wandb")
     history = wandb_history(run_file)
@@ -160,6 +165,24 @@ def test_finetune_end_to_end(inputs, tmp_path):
     status, out = export_cmd(run_dir, "checkpoint=iter_0000008", "verify=false")
     assert status == 0, out[-3000:]
     assert_same_tensors(run_dir / "hf_export", run_dir / "exports" / "iter_0000008" / "hf_export")
+
+
+def assert_progress_lines_match_metrics(run_dir, steps):
+    """The progress lines of Hydra's <run_dir>/finetune.log (log_interval=1: one per step): real tok/s is the
+    step's non-padding token count (metrics.jsonl ``real_tokens``) over its time; the counts are those of the
+    data: every step's real tokens lie between 1 and global batch x seq_length, and the padding is not counted."""
+    import re
+
+    text = (run_dir / "finetune.log").read_text()
+    lines = re.findall(r"step (\d+)/(\d+) \| loss \S+ \| grad norm \S+ \| lr \S+ \| ([\d.]+) real tok/s \| "
+                       r"(\S+) samples/s \| ETA", text)
+    assert [int(s) for s, *_ in lines] == list(range(1, steps + 1)), text[-2000:]
+    records = {r["step"]: r for r in read_metrics(run_dir) if "real_tokens" in r}
+    for step, total, tok_s, samples_s in lines:
+        r = records[int(step)]
+        assert 0 < r["real_tokens"] < 2 * 512 and r["samples"] >= 2
+        assert float(tok_s) == pytest.approx(r["real_tokens"] / r["seconds"], abs=0.051)
+        assert float(samples_s) == pytest.approx(r["samples"] / r["seconds"], rel=5e-3)  # 3 significant digits
 
 
 def _kill_after(proc, run_dir, step, sig, need_checkpoint=True):

@@ -234,6 +234,10 @@ class LoggerConfig:
     val_image_samples: int = 4
     """Validation images logged with the model's answers (wandb table) at each evaluation."""
 
+    megatron_details: bool = False
+    """Show Megatron-Bridge's own per-iteration line (otherwise at DEBUG level of its logger), the DDP bucket
+    parameter listing and its optional-import tracebacks (see :mod:`gemma4vl.runtime.log_noise`)."""
+
 
 @dataclass
 class CheckpointConfig:

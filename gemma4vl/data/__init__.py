@@ -23,7 +23,10 @@ field                  default              meaning
 =====================  ===================  =====================================================================
 processor_path         (required)           Gemma 4 processor directory / hub name (usually the checkpoint)
 path                   (required)           training data: file, directory, save_to_disk dir or hub name
-split                  "train"              split of ``path`` used for training
+split                  "train"              split of ``path`` used for training (hub: slicing like ``train[:90%]``)
+subset                 None (repo default)  hub dataset subset (``load_dataset(path, name=subset)``)
+revision               None (default br.)   hub dataset git revision (branch / tag / commit)
+streaming              False                refused: the packing plan measures every row first
 validation_path        None (= path)        validation data
 validation_split       None (no valid.)     split used for validation
 format                 "messages"           "messages" | "llava" | "sharegpt"

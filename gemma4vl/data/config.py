@@ -56,7 +56,18 @@ class Gemma4VLDataConfig:
     """Training data: a .json/.jsonl/.parquet/.arrow file, a directory of them (splits from file names), a
     ``save_to_disk`` directory, or a hub dataset name. Required."""
     split: str = "train"
-    """Split of ``path`` used for training."""
+    """Split of ``path`` used for training. Hub datasets also take ``datasets`` split slicing, e.g.
+    ``train[:90%]`` (training) with ``validation_split: train[90%:]``."""
+    subset: str | None = None
+    """Hub datasets: the subset (``datasets`` calls it the configuration, ``load_dataset(path, name=subset)``);
+    None: the repository's default. Setting it (or ``revision``) reads ``path`` as a hub repository, also when it
+    is a local directory laid out as one (a README.md whose YAML header lists ``configs``)."""
+    revision: str | None = None
+    """Hub datasets: the git revision (branch, tag or commit) of the dataset repository; None: the default
+    branch. Pin a commit for a reproducible run."""
+    streaming: bool = False
+    """Refused (an error saying why): the packing plan measures every row's length before training, so the data
+    is materialised into the Arrow cache (``cache_dir``) anyway; leave it false."""
     validation_path: str | None = None
     """Validation data (same kinds as ``path``); None: ``path`` itself."""
     validation_split: str | None = None
@@ -158,15 +169,22 @@ class Gemma4VLDataConfig:
         """The row pipeline of a split and its source (no plan yet)."""
         if which not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {which!r}")
+        if self.streaming:
+            raise ValueError("data.streaming=true is not supported: the packing plan measures every row's length "
+                             "before training, so the dataset is materialised into the Arrow cache (data.cache_dir) "
+                             "anyway; set data.streaming=false (subset / revision / split slicing work without it)")
         processor = load_processor(self._require("processor_path"))
         settings = image_settings(processor, self.max_soft_tokens)
         if which == "train":
             source = load_source(self._require("path"), self.split, image_root=self.image_root,
-                                 cache_dir=self.cache_dir, max_rows=self.max_train_rows, bad_rows=self.bad_rows)
+                                 cache_dir=self.cache_dir, max_rows=self.max_train_rows, bad_rows=self.bad_rows,
+                                 subset=self.subset, revision=self.revision)
         else:
             source = load_source(self.validation_path or self._require("path"), self.validation_split,
                                  image_root=self.image_root, cache_dir=self.cache_dir,
-                                 max_rows=self.max_validation_rows, bad_rows=self.bad_rows)
+                                 max_rows=self.max_validation_rows, bad_rows=self.bad_rows,
+                                 subset=None if self.validation_path else self.subset,
+                                 revision=None if self.validation_path else self.revision)
         spec = resolve_spec(self.format, self.messages_column, self.images_column, self.system_column, self.role_map)
         columns = [c for c in (spec.messages_column, spec.images_column, spec.system_column) if c]
         encoder = ConversationEncoder(processor, settings, enable_thinking=self.enable_thinking,

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import io
 import os
 import re
 from pathlib import Path
@@ -209,18 +210,75 @@ def _fingerprint(dataset, extra: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _checkout(repo: Path, revision: str, cache_dir: str | None) -> Path:
+    """The files of ``revision`` of the local git repository ``repo`` (a clone of a hub dataset repository), in
+    ``<cache_dir or repo/.gemma4vl_cache>/revisions/<commit>`` (written whole: into a temporary directory renamed
+    into place). ``datasets`` ignores ``revision`` for a local directory, hence this."""
+    import shutil
+    import subprocess
+    import tarfile
+    import tempfile
+
+    if not (repo / ".git").exists():
+        raise ValueError(f"data.revision={revision!r}: the dataset directory {repo} is not a git repository (clone "
+                         "the hub dataset repository with git to pin a revision, or leave data.revision null)")
+    found = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        raise ValueError(f"data.revision={revision!r}: no such commit, branch or tag in the git repository {repo}")
+    commit = found.stdout.strip()
+    base = Path(cache_dir).expanduser() if cache_dir is not None else repo / ".gemma4vl_cache"
+    dest = base / "revisions" / commit
+    if not dest.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{commit}."))
+        try:
+            archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", commit],
+                                     capture_output=True, check=True)
+            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+                tar.extractall(tmp, filter="data")
+            try:
+                tmp.rename(dest)
+            except OSError:
+                if not dest.is_dir():  # another process placed the same commit first: use that one
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _load_hub(path: str, subset: str | None, revision: str | None, split: str, hf_cache: str | None):
+    """One split of a hub dataset repository (a hub name, or a local directory laid out as one)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, name=subset, revision=revision, split=split, cache_dir=hf_cache)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name / subset / revision, gated, missing split ...
+        raise ValueError(f"could not load hub dataset {path!r} subset {subset!r} revision {revision!r} split "
+                         f"{split!r}: {type(e).__name__}: {e}") from e
+
+
 def load_source(path: str, split: str, *, image_root: str | None = None, cache_dir: str | None = None,
-                max_rows: int | None = None, bad_rows: str = "error") -> Source:
+                max_rows: int | None = None, bad_rows: str = "error", subset: str | None = None,
+                revision: str | None = None) -> Source:
     """Load one split of ``path`` (see the module docstring); raises with the path and what was expected.
     JSONL lines that are not JSON objects are an error naming file and line, or skipped under
     ``bad_rows="skip"`` (listed in ``Source.skipped_lines``)."""
     import datasets
 
     local = Path(path).expanduser()
-    name = f"{path} [{split}]"
+    name = f"{path} [{split}]" if subset is None else f"{path} ({subset}) [{split}]"
     skipped: list[str] = []
     hf_cache = str(Path(cache_dir).expanduser() / "hf_datasets") if cache_dir is not None else None
-    if local.is_file():
+    hub = subset is not None or revision is not None
+    if hub and local.is_file():
+        raise ValueError(f"data.subset / data.revision need a hub dataset repository (a hub name or a directory laid "
+                         f"out as one), not the file {path}")
+    if hub and local.is_dir():
+        repo = local.resolve() if revision is None else _checkout(local.resolve(), revision, cache_dir)
+        ds = _load_hub(str(repo), subset, None, split, hf_cache)
+        default_root, local_dir = local.resolve(), local.resolve()
+    elif local.is_file():
         suffix = local.suffix.lower()
         if suffix not in BUILDERS:
             raise ValueError(f"dataset file {local} has suffix {suffix!r}; expected one of {sorted(BUILDERS)}")
@@ -250,10 +308,7 @@ def load_source(path: str, split: str, *, image_root: str | None = None, cache_d
         raise FileNotFoundError(f"dataset path {path} does not exist (expected a file, a directory, or a hub name "
                                 "like owner/name)")
     else:
-        try:
-            ds = datasets.load_dataset(path, split=split, cache_dir=hf_cache)
-        except Exception as e:  # noqa: BLE001 - offline, unknown name, gated, missing split ...
-            raise ValueError(f"could not load hub dataset {path!r} split {split!r}: {type(e).__name__}: {e}") from e
+        ds = _load_hub(path, subset, revision, split, hf_cache)
         default_root, local_dir = None, None
     if not isinstance(ds, datasets.Dataset):
         raise ValueError(f"{name}: expected a map-style datasets.Dataset, got {type(ds).__name__}")
@@ -263,5 +318,5 @@ def load_source(path: str, split: str, *, image_root: str | None = None, cache_d
         ds = ds.select(range(min(max_rows, len(ds))))
     root = str(Path(image_root).expanduser().resolve()) if image_root is not None else (
         str(default_root) if default_root is not None else None)
-    return Source(ds, name, root, _fingerprint(ds, f"{path}|{split}|{max_rows}"),
+    return Source(ds, name, root, _fingerprint(ds, f"{path}|{subset}|{revision}|{split}|{max_rows}"),
                   str(local_dir) if local_dir is not None else None, skipped)

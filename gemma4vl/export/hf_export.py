@@ -84,11 +84,13 @@ def export_hf_checkpoint(
     max_shard_bytes: int = 5 * 1024**3,
     overwrite: bool = False,
     show_progress: bool = False,
+    model_card: str | None = None,
 ) -> ExportReport | None:
     """Export ``model`` (list of model chunks) through ``auto_bridge`` to ``out_dir``.
 
     Collective: call on every rank. Returns the report on global rank 0, None elsewhere.
-    ``dtype`` defaults to the source checkpoint's dtype."""
+    ``dtype`` defaults to the source checkpoint's dtype. ``model_card``: the export's README.md (replacing the
+    source checkpoint's, which is copied otherwise)."""
     start = time.time()
     source_dir = Path(auto_bridge.hf_pretrained.model_name_or_path)
     out_dir = Path(out_dir)
@@ -107,6 +109,8 @@ def export_hf_checkpoint(
         report = None
         if writer:
             _write_metadata(source_dir, tmp_dir, shards, weight_map, num_bytes, dtype)
+            if model_card is not None:
+                (tmp_dir / "README.md").write_text(model_card)
             _verify(tmp_dir, weight_map)
             replace_dir(tmp_dir, out_dir)
             report = ExportReport(out_dir, len(weight_map), num_bytes, shards, dtype, time.time() - start)

@@ -1,17 +1,23 @@
 """Megatron-Bridge callbacks of a gemma4vl run: the progress line and the metrics history.
 
-Every step the last rank (which holds the loss) appends ``{"step", "loss", "grad_norm", "lr", "seconds"}`` to
-``<run_dir>/metrics.jsonl`` (validation results as ``{"step", "val_loss"}``); every ``log_interval`` steps it
-prints
+Every step the last rank (which holds the loss) appends ``{"step", "loss", "grad_norm", "lr", "seconds",
+"real_tokens", "samples"}`` to ``<run_dir>/metrics.jsonl`` (validation results as ``{"step", "val_loss"}``);
+every ``log_interval`` steps it logs (logger ``gemma4vl.progress``, INFO: the console and Hydra's
+``<run_dir>/finetune.log``)
 
-    step 20/60 | loss 2.3141 | grad norm 1.92 | lr 8.6e-05 | 1843 tok/s | ETA 0:01:12
+    step 20/60 | loss 2.3141 | grad norm 1.92 | lr 8.6e-05 | 1843 real tok/s | 3.1 samples/s | ETA 0:01:12 | peak mem 41.2 GiB
 
-where tok/s counts the sequence positions processed (global batch x sequence length per step time).
+``real_tokens`` counts the global batch's real tokens of the step (positions with ``segment_ids > 0``: prompt,
+image and answer tokens of the samples, not padding; summed over data-parallel ranks), ``samples`` its packed
+samples. real tok/s and samples/s are those counts summed over the steps since the previous line, divided by
+the sum of those steps' ``seconds``. peak mem is ``torch.cuda.max_memory_allocated`` of the logging rank (absent
+on CPU).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from datetime import timedelta
@@ -22,6 +28,8 @@ import torch.distributed as dist
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
 from gemma4vl.training.metrics import read_metrics  # noqa: F401  (re-exported)
+
+logger = logging.getLogger("gemma4vl.progress")
 
 
 def _is_last_rank() -> bool:
@@ -42,13 +50,26 @@ def _scalar(value) -> float | None:
 class ProgressCallback(Callback):
     """Progress line and ``metrics.jsonl`` (see module docstring)."""
 
-    def __init__(self, run_dir: str | Path, log_interval: int, tokens_per_step: int, total_steps: int):
+    def __init__(self, run_dir: str | Path, log_interval: int, counter, total_steps: int):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.log_interval = log_interval
-        self.tokens_per_step = tokens_per_step
+        self.counter = counter  # gemma4vl.training.forward_step.TokenCounter
         self.total_steps = total_steps
         self._last = None
         self._durations: list[float] = []
+        self._interval = [0.0, 0, 0]  # seconds, real tokens, samples since the last progress line
+
+    def _reduce(self, counts: tuple[int, int]) -> tuple[int, int]:
+        """Sum (real tokens, samples) over the data-parallel group (every rank calls this)."""
+        if not dist.is_initialized():
+            return counts
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        t = torch.tensor(counts, dtype=torch.int64, device=device)
+        dist.all_reduce(t, group=group)
+        return int(t[0]), int(t[1])
 
     def _write(self, record: dict) -> None:
         # Strict JSON: a non-finite value (the loss of a step whose rows were all skipped) is written as null.
@@ -60,24 +81,31 @@ class ProgressCallback(Callback):
         self._last = time.perf_counter()
 
     def on_train_step_end(self, context: CallbackContext) -> None:
+        real_tokens, samples = self._reduce(self.counter.take())
         if not _is_last_rank():
             return
         seconds = time.perf_counter() - self._last
         self._durations = (self._durations + [seconds])[-20:]
+        self._interval = [self._interval[0] + seconds, self._interval[1] + real_tokens, self._interval[2] + samples]
         step = context.state.train_state.step + 1  # Megatron-Bridge advances the counter after this event
         losses = context.loss_dict or {}
         loss = _scalar(losses.get("lm loss"))
         lr = context.optimizer.param_groups[0]["lr"] if context.optimizer is not None else None
         record = {"step": step, "loss": loss, "grad_norm": _scalar(context.grad_norm), "lr": lr,
-                  "seconds": seconds, "skipped": bool(context.skipped_iter)}
+                  "seconds": seconds, "real_tokens": real_tokens, "samples": samples,
+                  "skipped": bool(context.skipped_iter)}
         self._write(record)
         if step % self.log_interval == 0 or step == self.total_steps:
             mean = sum(self._durations) / len(self._durations)
             eta = timedelta(seconds=round(mean * (self.total_steps - step)))
             grad = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3g}"
             shown = "n/a" if loss is None or not math.isfinite(loss) else f"{loss:.4f}"
-            print(f"step {step}/{self.total_steps} | loss {shown} | grad norm {grad} | lr {lr:.3g} | "
-                  f"{self.tokens_per_step / mean:.0f} tok/s | ETA {eta}", flush=True)
+            elapsed, tokens, done = self._interval
+            self._interval = [0.0, 0, 0]
+            memory = (f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                      if torch.cuda.is_available() else "")
+            logger.info("step %d/%d | loss %s | grad norm %s | lr %.3g | %.1f real tok/s | %.3g samples/s | ETA %s%s",
+                        step, self.total_steps, shown, grad, lr, tokens / elapsed, done / elapsed, eta, memory)
 
     def on_eval_end(self, context: CallbackContext) -> None:
         if not _is_last_rank():
@@ -85,7 +113,7 @@ class ProgressCallback(Callback):
         val = _scalar((context.total_loss_dict or {}).get("lm loss"))
         step = context.state.train_state.step
         self._write({"step": step, "val_loss": val})
-        print(f"validation at step {step}: loss {'n/a' if val is None else f'{val:.4f}'}", flush=True)
+        logger.info("validation at step %d: loss %s", step, "n/a" if val is None else f"{val:.4f}")
 
 
 

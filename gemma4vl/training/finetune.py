@@ -183,8 +183,11 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     from gemma4vl.config.container import build_config_container
     from gemma4vl.training.callbacks import ProgressCallback
     from gemma4vl.training.bad_rows import BadRowCallback, BadRowMonitor
-    from gemma4vl.training.forward_step import ForwardStep
+    from gemma4vl.training.forward_step import ForwardStep, TokenCounter
 
+    from gemma4vl.runtime.log_noise import show_megatron_details
+
+    show_megatron_details(cfg.logger.megatron_details)
     auto_bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
     container = build_config_container(cfg, auto_bridge, resume=resume)
     runtime_config_update(container)
@@ -199,8 +202,8 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     callbacks = CallbackManager()
     monitor = BadRowMonitor(cfg.data.max_skipped_fraction, cfg.data.bad_row_log_limit)
     callbacks.add(BadRowCallback(monitor))
-    callbacks.add(ProgressCallback(cfg.run_dir, cfg.trainer.log_interval,
-                                   tokens_per_step=cfg.trainer.global_batch_size * cfg.data.seq_length,
+    counter = TokenCounter()
+    callbacks.add(ProgressCallback(cfg.run_dir, cfg.trainer.log_interval, counter,
                                    total_steps=cfg.trainer.train_iters))
     answers = validation_answers_callback(cfg, hf_dir)
     if answers is not None:
@@ -211,7 +214,7 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     state.checkpoint_manager = out.checkpoint_manager
     preempted = False
     try:
-        train(ForwardStep(monitor), out.model, out.optimizer, out.scheduler, out.train_data_iterator,
+        train(ForwardStep(monitor, counter), out.model, out.optimizer, out.scheduler, out.train_data_iterator,
               out.valid_data_iterator, state, out.checkpoint_manager, out.pg_collection, callback_manager=callbacks)
     except SystemExit:
         # After an exit signal Megatron-Bridge saves a checkpoint and calls sys.exit(0) inside train(). Every rank
@@ -305,13 +308,27 @@ def _translate_sigusr1() -> None:
     signal.signal(signal.SIGUSR1, handler)
 
 
+def model_card(cfg: RunConfig, steps: int) -> str:
+    """The export's README.md: what it was finetuned from, on what data, with which config (the resolved run
+    config, as in <run_dir>/config.yaml)."""
+    config = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+    data = cfg.data.path if cfg.data.subset is None else f"{cfg.data.path} (subset {cfg.data.subset})"
+    revision = "" if cfg.data.revision is None else f", revision {cfg.data.revision}"
+    return (f"---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n---\n\n# {cfg.name}\n\n"
+            f"Finetuned with gemma4vl from `{cfg.model.hf_path}` for {steps} steps "
+            f"({'LoRA, merged' if cfg.peft.method != 'none' else 'full'} finetuning) on `{data}` split "
+            f"`{cfg.data.split}`{revision} (format `{cfg.data.format}`).\n\n"
+            f"The license and usage terms of the base model apply.\n\n## Config\n\n```yaml\n{config}```\n")
+
+
 def _export(cfg: RunConfig, state, model) -> Path | None:
     from gemma4vl.config.validate import parse_size
     from gemma4vl.export import export_hf_adapter, export_hf_checkpoint
 
     if cfg.export.format in ("merged", "both"):
         report = export_hf_checkpoint(state.auto_bridge, model, cfg.export.dir, dtype=_export_dtype(cfg),
-                                      max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True)
+                                      max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True,
+                                      model_card=model_card(cfg, state.train_state.step))
         if report is not None:
             print(f"exported {report.num_tensors} tensors ({report.num_bytes / 1e9:.2f} GB, {report.dtype}) to "
                   f"{report.path} in {report.seconds:.1f} s; verified", flush=True)

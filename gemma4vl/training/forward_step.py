@@ -25,24 +25,50 @@ def _device(model) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
+class TokenCounter:
+    """Real tokens and samples of the training micro batches seen since the last :meth:`take` (this rank).
+
+    A *real token* is a sequence position holding a token of a sample (``segment_ids > 0``): padding is not
+    counted, prompt and image tokens are (they are processed like the answer tokens). A *sample* is one packed
+    sample (segments are numbered from 1 in each row, so a row's largest segment id is its sample count)."""
+
+    def __init__(self):
+        self.real_tokens = 0
+        self.samples = 0
+
+    def record(self, batch: dict) -> None:
+        segments = batch["segment_ids"]
+        self.real_tokens += int((segments > 0).sum())
+        self.samples += int(segments.max(dim=-1).values.sum()) if segments.numel() else 0
+
+    def take(self) -> tuple[int, int]:
+        counts = (self.real_tokens, self.samples)
+        self.real_tokens = self.samples = 0
+        return counts
+
+
 class ForwardStep:
     """:func:`forward_step` that also hands each training batch's skipped rows to a
-    :class:`~gemma4vl.training.bad_rows.BadRowMonitor`."""
+    :class:`~gemma4vl.training.bad_rows.BadRowMonitor` and its tokens to a :class:`TokenCounter`."""
 
-    def __init__(self, monitor):
+    def __init__(self, monitor, counter: TokenCounter | None = None):
         self.monitor = monitor
+        self.counter = counter
 
     def __call__(self, state: GlobalState, data_iterator: Iterable, model) -> tuple[torch.Tensor, partial]:
-        return forward_step(state, data_iterator, model, monitor=self.monitor)
+        return forward_step(state, data_iterator, model, monitor=self.monitor, counter=self.counter)
 
 
-def forward_step(state: GlobalState, data_iterator: Iterable, model, monitor=None) -> tuple[torch.Tensor, partial]:
+def forward_step(state: GlobalState, data_iterator: Iterable, model, monitor=None,
+                 counter: TokenCounter | None = None) -> tuple[torch.Tensor, partial]:
     """One micro batch: (per-token loss [b, s], loss function)."""
     timers = state.timers
     timers("batch-generator", log_level=2).start()
     batch = next(data_iterator)
     if monitor is not None and model.training:
         monitor.record(batch)
+    if counter is not None and model.training:
+        counter.record(batch)
     device = _device(model)
     inputs = {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None)
               for k in MODEL_INPUTS}
