@@ -20,6 +20,7 @@ from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
 from test_config import compose_run
 
 SHAPE_26B = SHAPES_DIR / "google--gemma-4-26B-A4B"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _meta_counts(hf_dir) -> dict[str, int]:
@@ -88,6 +89,10 @@ def test_shipped_26b_layouts_fit_with_ten_percent_margin(experiment, world):
     assert plan.peak_bytes <= 0.9 * plan.device_bytes, plan.render()
     assert plan.render().splitlines()[-1] == (f"per-GPU peak estimate: {plan.peak_bytes / GIB:.1f} GiB of 79.1 GiB")
     validate(run, world, hf, fused_adam=True)
+    # The README's hardware table quotes this figure: its row for the experiment says the same peak.
+    readme_row = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                      if line.startswith(f"   | `experiment={experiment}`"))
+    assert f"| {plan.peak_bytes / GIB:.1f} GiB" in readme_row, readme_row
     counts = count_parameters(hf, list(run.peft.target_modules) if run.peft.method == "lora" else None,
                               run.peft.rank)
     experts_local = counts.experts / run.parallel.expert
