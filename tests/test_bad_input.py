@@ -76,6 +76,17 @@ def test_sizes_parse_in_both_unit_systems(text, expected):
     assert parse_size(text) == expected
 
 
+def test_validation_parses_the_shard_size_once_and_hands_the_config_on(hf_configs):  # noqa: F811
+    from gemma4vl.bridge import read_hf_config
+    from gemma4vl.config.compose import to_run_config
+
+    hf = read_hf_config(hf_configs["gemma4_tiny"])
+    checked = validate(to_run_config(compose_run(["export.max_shard_size=1.5GiB"])), 1, hf)
+    assert (checked.max_shard_bytes, checked.data_parallel, checked.hf) == (int(1.5 * 2**30), 1, hf)
+    assert validate(to_run_config(compose_run(["export.enabled=false", "export.max_shard_size=lots"])), 1,
+                    hf).max_shard_bytes is None  # not exported: not parsed, not refused
+
+
 def test_experiments_keep_their_own_name_and_optimizer():
     from gemma4vl.config.compose import to_run_config
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from gemma4vl.config.schema import RunConfig
-from gemma4vl.config.validate import ConfigError
+from gemma4vl.config.validate import ConfigError, ValidatedRun
 from gemma4vl.export.hf_export import recover_interrupted_export
 from gemma4vl.runtime import setup_runtime
 from gemma4vl.training.preflight import (  # noqa: F401  (latest_checkpoint_step re-exported)
@@ -145,8 +145,8 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
         check_outputs(cfg)
     _barrier()
     hf_dir = resolve_hf_path(cfg.model.hf_path)
-    validate(cfg, world_size, read_hf_config(hf_dir))
-    precheck_hf_checkpoint(hf_dir, megatron_bridge_names=cfg.peft.method != "none")  # no weight read yet
+    checked = validate(cfg, world_size, read_hf_config(hf_dir))  # the one read of config.json, passed down
+    precheck_hf_checkpoint(checked.hf, megatron_bridge_names=cfg.peft.method != "none")  # no weight read yet
     check_outputs_apart_from_inputs(cfg, hf_dir)
     check_data(cfg.data)
     resumed_from = check_resume(cfg)
@@ -158,11 +158,11 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
         if resumed_from is not None:
             print(f"resuming from the checkpoint of step {resumed_from} in {cfg.checkpoint.dir}", flush=True)
     _barrier()
-    state, model, preempted = _train(cfg, hf_dir, resume=resumed_from is not None)
+    state, model, preempted = _train(cfg, checked, resume=resumed_from is not None)
     steps = state.train_state.step
     export_dir = None
     if cfg.export.enabled and not preempted:
-        export_dir = _export(cfg, state, model)
+        export_dir = _export(cfg, checked, state, model)
     _finish(state)
     if preempted:
         print(f"stopped by a signal after step {steps}; checkpoint saved in {cfg.checkpoint.dir} "
@@ -170,7 +170,7 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
     return FinetuneResult(run_dir, steps, resumed_from, export_dir, preempted)
 
 
-def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
+def _train(cfg: RunConfig, checked: ValidatedRun, resume: bool):
     import gemma4vl.bridge  # noqa: F401  (registers the bridge)
     from megatron.bridge import AutoBridge
     from megatron.bridge.data.utils import get_dataset_provider
@@ -188,7 +188,7 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     from gemma4vl.runtime.log_noise import show_megatron_details
 
     show_megatron_details(cfg.logger.megatron_details)
-    auto_bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+    auto_bridge = AutoBridge.from_hf_pretrained(str(checked.hf.path.parent))
     container = build_config_container(cfg, auto_bridge, resume=resume)
     runtime_config_update(container)
     state = GlobalState()
@@ -205,7 +205,7 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     counter = TokenCounter()
     callbacks.add(ProgressCallback(cfg.run_dir, cfg.trainer.log_interval, counter,
                                    total_steps=cfg.trainer.train_iters))
-    answers = validation_answers_callback(cfg, hf_dir)
+    answers = validation_answers_callback(cfg, checked.hf.arch.image_token_id)
     if answers is not None:
         callbacks.add(answers)
     out = setup(state, get_dataset_provider(container.dataset), callback_manager=callbacks)
@@ -273,7 +273,7 @@ def init_wandb(cfg: RunConfig):
     return wandb
 
 
-def validation_answers_callback(cfg: RunConfig, hf_dir: Path):
+def validation_answers_callback(cfg: RunConfig, image_token_id: int):
     """The callback showing validation answers, or None (no evaluation, no samples asked, or pipeline parallel)."""
     from gemma4vl.data.config import load_processor
     from gemma4vl.training.answers import load_probes
@@ -288,9 +288,6 @@ def validation_answers_callback(cfg: RunConfig, hf_dir: Path):
     if not probes:
         return None
     processor = load_processor(cfg.data.processor_path)
-    from gemma4vl.bridge import read_hf_config
-
-    image_token_id = read_hf_config(hf_dir).arch.image_token_id
     return ValidationAnswersCallback(probes, processor.tokenizer, image_token_id, cfg.run_dir,
                                      log_table=cfg.logger.backend == "wandb")
 
@@ -321,13 +318,12 @@ def model_card(cfg: RunConfig, steps: int) -> str:
             f"The license and usage terms of the base model apply.\n\n## Config\n\n```yaml\n{config}```\n")
 
 
-def _export(cfg: RunConfig, state, model) -> Path | None:
-    from gemma4vl.config.validate import parse_size
+def _export(cfg: RunConfig, checked: ValidatedRun, state, model) -> Path | None:
     from gemma4vl.export import export_hf_adapter, export_hf_checkpoint
 
     if cfg.export.format in ("merged", "both"):
         report = export_hf_checkpoint(state.auto_bridge, model, cfg.export.dir, dtype=_export_dtype(cfg),
-                                      max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True,
+                                      max_shard_bytes=checked.max_shard_bytes, overwrite=True,
                                       model_card=model_card(cfg, state.train_state.step))
         if report is not None:
             print(f"exported {report.num_tensors} tensors ({report.num_bytes / 1e9:.2f} GB, {report.dtype}) to "
@@ -339,14 +335,13 @@ def _export(cfg: RunConfig, state, model) -> Path | None:
                   f"{len(adapter.target_modules)} modules) to {adapter.path} in {adapter.seconds:.1f} s; verified",
                   flush=True)
     if cfg.export.verify_logits:
-        _verify_export_logits(cfg, state.auto_bridge, model)
+        _verify_export_logits(cfg, checked, state.auto_bridge, model)
     return Path(cfg.export.adapter_dir if cfg.export.format == "adapter" else cfg.export.dir)
 
 
-def _verify_export_logits(cfg: RunConfig, auto_bridge, model) -> None:
+def _verify_export_logits(cfg: RunConfig, checked: ValidatedRun, auto_bridge, model) -> None:
     from megatron.core.utils import unwrap_model
 
-    from gemma4vl.bridge import read_hf_config
     from gemma4vl.training.answers import load_probes
     from gemma4vl.training.export_check import verify_export_logits
 
@@ -355,8 +350,7 @@ def _verify_export_logits(cfg: RunConfig, auto_bridge, model) -> None:
     probes = load_probes(cfg.data, 1)
     if not probes:
         raise ValueError("export.verify_logits needs a validation split (data.validation_split)")
-    hf_dir = resolve_hf_path(cfg.model.hf_path)
-    image_token_id = read_hf_config(hf_dir).arch.image_token_id
+    hf_dir, image_token_id = checked.hf.path.parent, checked.hf.arch.image_token_id
     atol = 1e-4 if cfg.trainer.precision == "fp32" else None
     chunk = unwrap_model(model)[0]
     if atol is None:  # bf16: relative to the logit range
