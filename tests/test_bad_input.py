@@ -187,12 +187,19 @@ def test_bad_row_monitor_counts_and_stops_at_the_ceiling(caplog):
 
 
 def test_metrics_log_is_strict_json_when_a_step_has_no_loss(tmp_path):
-    from gemma4vl.training.callbacks import ProgressCallback
+    from gemma4vl.training.metrics import MetricsLog
 
-    cb = ProgressCallback(tmp_path, 1, None, 2)
-    cb._write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    log = MetricsLog(tmp_path)
+    log.append({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    log.append({"step": 2, "loss": 2.5})
+    log.append({"step": 2, "export_max_logit_diff": 0.0})
     text = (tmp_path / "metrics.jsonl").read_text()
-    assert text == '{"step": 1, "loss": null, "grad_norm": null, "lr": 0.001}\n'
+    assert text == ('{"step": 1, "loss": null, "grad_norm": null, "lr": 0.001}\n{"step": 2, "loss": 2.5}\n'
+                    '{"step": 2, "export_max_logit_diff": 0.0}\n')
+    with pytest.raises(ValueError, match="needs an int 'step'"):
+        log.append({"export_max_logit_diff": 0.0})
+    log.truncate_after(1)  # a resume from step 1: later records (export checks included) go
+    assert log.read() == [{"step": 1, "loss": None, "grad_norm": None, "lr": 0.001}]
 
 
 # ------------------------------------------------------------------------------------------------ outputs / resume
