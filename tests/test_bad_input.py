@@ -289,10 +289,12 @@ def test_interrupted_export_leftovers_are_restored_or_removed(tmp_path):
     old = tmp_path / f".hf_export.old-{dead}"
     old.mkdir()
     (old / "config.json").write_text("{}")
+    (tmp_path / f".hf_export.unverified-{dead}").mkdir()  # recipes.export's staged copy, before verification
     alive = tmp_path / f".hf_export.partial-{os.getppid()}"  # a running process's export: left alone
     alive.mkdir()
     touched = recover_interrupted_export(out)
-    assert sorted(p.name for p in touched) == [f".hf_export.old-{dead}", f".hf_export.partial-{dead}"]
+    assert sorted(p.name for p in touched) == [f".hf_export.old-{dead}", f".hf_export.partial-{dead}",
+                                               f".hf_export.unverified-{dead}"]
     assert (out / "config.json").read_text() == "{}"  # the previous complete export is back
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hf_export.partial-" + str(os.getppid()), "hf_export"]
     (tmp_path / f".hf_export.old-{dead}").mkdir()  # with hf_export present the old copy is removed
