@@ -7,17 +7,27 @@ SIGTERM / SIGUSR1 stopped the run after saving a checkpoint (rerun the
 same command to resume).
 """
 
+import multiprocessing
+import signal
 import sys
 
-from omegaconf import DictConfig
+if multiprocessing.current_process().name != "MainProcess":
+    # A helper process that a rank spawned and that re-imports this module as its main (Megatron-Core's asynchronous
+    # checkpoint writer starts a multiprocessing Manager with the spawn method at the first save; multiprocessing
+    # names the child before it imports the main module, and sets parent_process() only after). Slurm delivers the
+    # launcher's SIGUSR1 to every process of the step, and repeats it while the ranks save; its default action
+    # would end this helper and fail the save (EOFError in the rank). Only the ranks act on SIGUSR1.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
-from gemma4vl.bridge.checkpoint import CheckpointError
-from gemma4vl.config import register_configs
-from gemma4vl.config.compose import to_run_config
-from gemma4vl.config.hydra_guard import hydra_main
-from gemma4vl.config.validate import ConfigError
-from gemma4vl.training.finetune import finetune, main_exit_code
-from recipes.inputs import prepare_demo_inputs
+from omegaconf import DictConfig  # noqa: E402
+
+from gemma4vl.bridge.checkpoint import CheckpointError  # noqa: E402
+from gemma4vl.config import register_configs  # noqa: E402
+from gemma4vl.config.compose import to_run_config  # noqa: E402
+from gemma4vl.config.hydra_guard import hydra_main  # noqa: E402
+from gemma4vl.config.validate import ConfigError  # noqa: E402
+from gemma4vl.training.finetune import finetune, main_exit_code  # noqa: E402
+from recipes.inputs import prepare_demo_inputs  # noqa: E402
 
 register_configs()
 

@@ -487,3 +487,30 @@ def test_only_a_completed_checkpoint_counts_as_the_latest(tmp_path):
     assert latest_checkpoint_step(ckpt) == 2
     (ckpt / "latest_checkpointed_iteration.txt").write_text("")  # torn write of the tracker itself
     assert latest_checkpoint_step(ckpt) is None
+
+
+HELPER_PROCESS_SCRIPT = """
+import multiprocessing as mp, os, signal, sys, time
+
+import recipes.finetune  # noqa: F401  (what a spawned helper of a rank runs first: the recipe is its main module)
+
+if __name__ == "__main__":
+    manager = mp.get_context("spawn").Manager()  # as Megatron-Core's asynchronous checkpoint writer starts one
+    queue = manager.Queue()
+    os.kill(manager._process.pid, signal.SIGUSR1)  # the launcher's repeated SIGUSR1 reaching every process
+    time.sleep(1.0)
+    queue.put(41)
+    print("rank default:", signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, "helper alive:", manager._process.is_alive(), "got:", queue.get())
+    manager.shutdown()
+"""
+
+
+def test_helper_processes_of_a_rank_survive_the_launchers_sigusr1(tmp_path):
+    """A SIGUSR1 that Slurm delivers to a rank's spawned helper (the checkpoint writer's multiprocessing Manager)
+    does not end it: it ignores the signal, so the save it serves completes; the rank's own disposition is untouched."""
+    script = tmp_path / "rank.py"
+    script.write_text(HELPER_PROCESS_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rank default: True helper alive: True got: 41" in out.stdout, out.stdout + out.stderr[-3000:]
