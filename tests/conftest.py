@@ -41,3 +41,17 @@ def ckpt_copy(tmp_path_factory, tmp_path):
     dst = tmp_path / "ckpt"
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    """The tiny checkpoint (fp32, released layout) and a small demo dataset (240 training, 24 validation rows),
+    shared by the session's training runs (tests/test_recipe.py, test_slurm.py, test_cpu_training_loop.py);
+    read-only."""
+    from gemma4vl.data.demo import write_demo_dataset
+    from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32").path
+    data = tmp_path_factory.mktemp("demo-data")
+    write_demo_dataset(data, num_train=240, num_val=24, overwrite=True)
+    return ckpt, data
