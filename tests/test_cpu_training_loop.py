@@ -19,15 +19,18 @@ In the job process, and only there, the test adds to the production path (``fine
   checked) whose CUDA calls the CPU backend's section E handles, or the distributed optimizer's fully reshardable
   checkpoint format.
 
-Each job runs in processes forked from the ``run_distributed`` fork server (Megatron-Core imported already), not
-daemonic (Megatron-Core's ``torch_dist`` checkpoint writer starts a ``multiprocessing`` manager process, which
-daemonic processes may not start), with the torchrun variables set: ``finetune`` creates the process group.
-Every job uses one intra-op thread, so the numbers do not depend on the machine and the 2-process runs do the same
-arithmetic per rank as the 1-process run. Runs that several tests inspect are module-scoped fixtures.
+Each job's ranks are forked from the module's job server: a fresh interpreter that imported what
+``recipes/finetune.py`` imports before it runs (Megatron-Core, Megatron-Bridge, transformers: about 13 s per
+process here, paid once per module instead of once per rank and job). The ranks are not daemonic (Megatron-Core's
+``torch_dist`` checkpoint writer starts a ``multiprocessing`` manager process, which daemonic processes may not)
+and get the torchrun variables: ``finetune`` creates the process group. Every job uses one intra-op thread, so the
+numbers do not depend on the machine and the 2-process runs do the same arithmetic per rank as the 1-process run.
+Runs that several tests inspect are module-scoped fixtures.
 
 The losses were observed on this CPU machine (fp32) and are pinned with a tolerance (torchtune style). The default
-run of this file takes about 2 minutes on the 2-core machine (five jobs, two of them 2-process ones); the ``slow``
-test (resume with another data-parallel size) adds about 30 s.
+run of this file (five jobs, two of them 2-process ones; the job server's imports; the session's checkpoint and
+demo data when no earlier module made them) took 195 s on the shared 2-core machine under load (the generic-GPT
+version it replaces: 180 s there); the ``slow`` test (resume with another data-parallel size) adds about 45 s.
 """
 
 from __future__ import annotations
@@ -147,7 +150,6 @@ def test_modules_imported_later_are_patched_when_imported(tmp_path, monkeypatch)
             sys.modules.pop(name, None)
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # One job: the production finetune, in fresh processes
 # --------------------------------------------------------------------------------------------------------------
@@ -182,7 +184,9 @@ class Job:
     sigterm_at_iteration: int | None = None  # the forward step of this training iteration sends SIGTERM to itself
     all_reporting: bool = False  # every optional metric of the loop (the CPU backend's section E)
     fully_reshardable_optimizer: bool = False  # the distributed optimizer's other checkpoint format
-    import_bridge_before_runtime: bool = False  # exercise both orders of CPU-backend activation and import
+    # Megatron-Bridge's training setup / train modules imported before the CPU backend's activation (the recipe
+    # imports them after it): both orders must end with the same patches.
+    import_bridge_before_runtime: bool = False
 
     def result_path(self, rank: int, suffix: str = ".json") -> Path:
         return Path(self.run.run_dir).parent / f"{self.name}-rank{rank}{suffix}"
