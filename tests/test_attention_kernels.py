@@ -178,16 +178,22 @@ def _qkv(layer_type: str, batch: int, seq: int, dtype=torch.float32, device="cpu
     return q, k, v
 
 
-@pytest.mark.parametrize("layer_type", [SLIDING, FULL])
-def test_flex_forward_equals_dense_at_both_head_shapes(layer_type):
+def _flex_case(layer_type: str):
+    """q, k, v of ``layer_type``'s head shape over two packed 80-token rows (window 8), the dense mask of such a
+    layer and the flex masks (16-token tiles)."""
     arch = _arch(8)
     segments, mm = _packed_rows(seq=80)
-    dense_masks = build_attention_masks(arch, segments, mm)
-    masks = build_flex_masks(arch, kernels_per_layer_type("flex"), segments, mm, block_size=16)
     index = SLIDING_INDEX if layer_type == SLIDING else FULL_INDEX
-    q, k, v = _qkv(layer_type, 2, 80)
+    dense_mask = build_attention_masks(arch, segments, mm)[index]
+    masks = build_flex_masks(arch, kernels_per_layer_type("flex"), segments, mm, block_size=16)
+    return (*_qkv(layer_type, 2, 80), dense_mask, masks)
+
+
+@pytest.mark.parametrize("layer_type", [SLIDING, FULL])
+def test_flex_forward_equals_dense_at_both_head_shapes(layer_type):
+    q, k, v, dense_mask, masks = _flex_case(layer_type)
     with torch.no_grad():
-        ref = dense_attention_kernel(q, k, v, dense_masks[index])
+        ref = dense_attention_kernel(q, k, v, dense_mask)
         out = flex_attention_kernel(q, k, v, masks.for_layer_type(layer_type))
     assert out.shape == ref.shape == (2, HEADS, 80, SHAPES[layer_type][0])
     diff = (out - ref).abs().max().item()
@@ -359,15 +365,10 @@ def test_compiled_cpu_flex_reads_the_block_tables_and_equals_dense(layer_type):
     """torch.compile'd FlexAttention on CPU (inductor's C++ template) skips tiles by the block tables, unlike the
     eager reference: equal to dense means the tables are right as a kernel uses them (about 20 s of compile per
     head shape here)."""
-    arch = _arch(8)
-    segments, mm = _packed_rows(seq=80)
-    dense_masks = build_attention_masks(arch, segments, mm)
-    masks = build_flex_masks(arch, kernels_per_layer_type("flex"), segments, mm, block_size=16)
-    index = SLIDING_INDEX if layer_type == SLIDING else FULL_INDEX
-    q, k, v = _qkv(layer_type, 2, 80)
+    q, k, v, dense_mask, masks = _flex_case(layer_type)
     compiled = torch.compile(torch.nn.attention.flex_attention.flex_attention, dynamic=False)
     with torch.no_grad():
-        ref = dense_attention_kernel(q, k, v, dense_masks[index])
+        ref = dense_attention_kernel(q, k, v, dense_mask)
         out = compiled(q, k, v, block_mask=masks.for_layer_type(layer_type), scale=1.0, enable_gqa=True)
     diff = (out - ref).abs().max().item()
     assert diff <= 1e-4, f"{layer_type}: max |compiled flex - dense| = {diff}"

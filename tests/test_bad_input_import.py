@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from gemma4vl.bridge import CheckpointError, precheck_hf_checkpoint, read_hf_config
 from gemma4vl.bridge.checkpoint import weight_files
 from gemma4vl.testing.megatron_harness import load_megatron
+from gemma4vl.testing.pytest_fixtures import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "model.safetensors"
@@ -157,15 +158,12 @@ def test_unwritten_parameter_is_an_error(megatron_cpu, ckpt_copy, monkeypatch):
 
 
 # ------------------------------------------------------------------ the recipe: full SFT without Megatron-Bridge's rule
-def test_full_finetuning_imports_weights_megatron_bridge_would_skip(ckpt_copy, tmp_path):
+def test_full_finetuning_imports_weights_megatron_bridge_would_skip(ckpt_copy, inputs, tmp_path):
     """weights.safetensors (not a name Megatron-Bridge recognises): full finetuning imports it through our
     pre-wrap hook. With lr = 0 the one step leaves the weights as imported, so the export must equal the
     checkpoint tensor for tensor; before, the run died with a NaN loss."""
-    from gemma4vl.data.demo import write_demo_dataset
-
     (ckpt_copy / WEIGHTS).rename(ckpt_copy / "weights.safetensors")
-    data = tmp_path / "data"
-    write_demo_dataset(data, num_train=16, num_val=4, overwrite=True)
+    data = inputs[1]
     before = snapshot(ckpt_copy)
     run_dir = tmp_path / "run"
     args = [f"hydra.run.dir={run_dir}", f"model.hf_path={ckpt_copy}", f"data.path={data}",
@@ -176,9 +174,8 @@ def test_full_finetuning_imports_weights_megatron_bridge_would_skip(ckpt_copy, t
     proc = subprocess.run([sys.executable, "-m", "recipes.finetune", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]
-    assert len(losses) == 1 and 0.0 < losses[0] < 20.0
+    # The first loss of tests/test_recipe.py's runs (its PINNED[1]): the same weights, data and batch.
+    assert losses(run_dir) == {1: pytest.approx(6.12452, abs=1e-4)}
     source = load_file(ckpt_copy / "weights.safetensors")
     exported = {}
     for shard in sorted((run_dir / "hf_export").glob("*.safetensors")):

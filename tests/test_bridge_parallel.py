@@ -10,7 +10,6 @@ import torch
 from gemma4vl.testing.distributed import run_distributed
 from gemma4vl.testing.fixtures import load_checkpoint_tensors
 from gemma4vl.testing.megatron_harness import forward_logits, load_megatron, synthetic_batch
-from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
 
 
 def _import_export(hf_dir, out_dir, parallel: dict):
@@ -28,21 +27,6 @@ def _import_export(hf_dir, out_dir, parallel: dict):
     return logits if dist.get_rank() == 0 else None
 
 
-@pytest.fixture(scope="module")
-def reference(megatron_cpu, tmp_path_factory):
-    """Single-process logits and export of the tiny fp32 checkpoint."""
-    from transformers import AutoConfig
-
-    from gemma4vl.export import export_hf_checkpoint
-
-    info = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32")
-    bridge, model = load_megatron(info.path)
-    logits = forward_logits(model, synthetic_batch(AutoConfig.from_pretrained(info.path), seed=11))
-    out = tmp_path_factory.mktemp("reference") / "export"
-    export_hf_checkpoint(bridge, model, out)
-    return info.path, logits, load_checkpoint_tensors(out)
-
-
 @pytest.mark.parametrize(
     "parallel",
     [
@@ -52,8 +36,8 @@ def reference(megatron_cpu, tmp_path_factory):
     ],
     ids=["tp2", "pp2", "ep2"],
 )
-def test_parallel_import_and_export_match_single_process(reference, tmp_path, parallel):
-    hf_dir, ref_logits, ref_export = reference
+def test_parallel_import_and_export_match_single_process(single_process_reference, tmp_path, parallel):
+    hf_dir, _, ref_logits, ref_export = single_process_reference
     out = tmp_path / "export"
     results = run_distributed(_import_export, 2, hf_dir, out, parallel, timeout=600)
     logits = results[0]

@@ -2,12 +2,13 @@
 overrides and inconsistent layouts fail with messages that name the fields and the arithmetic."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from gemma4vl.config import register_configs
 from gemma4vl.config.compose import TargetNotAllowed, to_run_config
@@ -53,10 +54,27 @@ def _group_options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def _run_value(run, dotted: str):
+    value = run
+    for name in dotted.split("."):
+        value = getattr(value, name)
+    return value
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _group_options(g)])
 def test_every_group_option_composes(group, option):
-    run = to_run_config(compose_run([f"{group}={option}", "data.processor_path=x", "data.path=y"]))
-    assert getattr(run, group) is not None
+    """Every key of the option's YAML reaches the typed group with the YAML's value: interpolations resolved
+    against the run (``${run_dir}/hf_export``), the two data paths as overridden here."""
+    overrides = {"data.processor_path": "x", "data.path": "y"}
+    run = to_run_config(compose_run([f"{group}={option}", *(f"{k}={v}" for k, v in overrides.items())]))
+    declared = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False)
+    assert declared, f"{group}/{option}.yaml sets nothing"
+    composed = getattr(run, group)
+    for key, value in declared.items():
+        expected = overrides.get(f"{group}.{key}", value)
+        if isinstance(expected, str):
+            expected = re.sub(r"\$\{([\w.]+)\}", lambda m: str(_run_value(run, m.group(1))), expected)
+        assert getattr(composed, key) == expected, f"{group}={option}: {group}.{key}"
 
 
 @pytest.mark.parametrize("debug", DEBUGS)

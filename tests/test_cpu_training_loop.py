@@ -1,61 +1,75 @@
-"""Megatron-Bridge's training loop on the CPU backend (gemma4vl.runtime.cpu_backend / cpu_backend_bridge).
+"""The production training loop on the CPU backend: ``gemma4vl.training.finetune.finetune`` in fresh processes.
 
-The loop is driven as the project's recipe drives it (and as ``megatron.bridge.training.pretrain`` does, minus its
-nvidia-resiliency-ext import): ``runtime_config_update``, ``GlobalState``, ``setup.setup``, ``train.train``,
-``train._finish_train``. The model is a tiny Megatron-Bridge ``GPTModelProvider`` with the local (non-TE) layer
-spec: 2 layers, hidden 64, MoE with 4 experts top-2 plus a shared expert, RMSNorm, fp32, vocab 128. The data is a
-small synthetic map-style dataset (dicts of tensors, a ``collate_fn``) served through a ``DatasetProvider``
-subclass; each sequence counts up by one modulo the vocabulary, so the next token is learnable and the loss
-falls. The forward step is ours and follows Megatron-Bridge's convention: it returns the model output and a loss
-function giving ``(masked loss sum, number of tokens, {"lm loss": [sum, tokens]})``.
+Every job is the run ``python -m recipes.finetune <overrides>`` makes: the run config composed from ``conf/``
+(``tests/test_config.py``'s ``compose_run``, then ``to_run_config``), the tiny random fp32 checkpoint and the demo
+data (the session's ``inputs`` fixture), ``finetune(run)`` building Megatron-Bridge's ``ConfigContainer`` with
+``gemma4vl.config.container.build_config_container`` and training with ``gemma4vl.training.forward_step.ForwardStep``
+under the CPU backend (``gemma4vl.runtime.cpu_backend`` / ``cpu_backend_bridge``). Losses are read from the run's
+``metrics.jsonl``, checkpoints and TensorBoard event files from its run directory.
 
-Every job runs in fresh processes forked from the ``run_distributed`` fork server (Megatron-Core imported
-already): jobs that write checkpoints, or whose exit status matters, in a plain (non-daemonic) child process that
-lets Megatron-Bridge create the process group; one- and two-rank jobs that only load checkpoints through
-``run_distributed``. Runs that several tests inspect are module-scoped fixtures. Every job uses one intra-op thread.
+In the job process, and only there, the test adds to the production path (``finetune_job``):
 
-Losses were observed on this CPU machine and are pinned with a tolerance (torchtune style). The default run takes
-about 90 s on the 2-core machine (the jobs: ~20 s for the reference with W&B and TensorBoard, ~10-25 s for each
-other one); the ``slow`` test (resume with another data-parallel size) adds about 40 s.
+- the forward step is a subclass of ours that, per training micro batch, draws one number from the default
+  generator and one from the tensor-parallel RNG tracker (nothing uses them: a resumed run reproduces them only if
+  the RNG states were checkpointed and restored, which the losses alone would not show without dropout), and
+  sends SIGTERM to its own process during a chosen iteration (as Slurm / torchrun would, mid-iteration);
+- for some jobs the ConfigContainer that the production builder returns gets options the production config does
+  not set: every optional metric of Megatron-Bridge's loop (timers at level 2, parameter and gradient norms,
+  zeros in the gradient, memory, world size; a synchronize every step, emptying the cache, the wall-clock limit
+  checked) whose CUDA calls the CPU backend's section E handles, or the distributed optimizer's fully reshardable
+  checkpoint format.
+
+Each job's ranks are forked from the module's job server: a fresh interpreter that imported what
+``recipes/finetune.py`` imports before it runs (Megatron-Core, Megatron-Bridge, transformers: about 13 s per
+process here, paid once per module instead of once per rank and job). The ranks are not daemonic (Megatron-Core's
+``torch_dist`` checkpoint writer starts a ``multiprocessing`` manager process, which daemonic processes may not)
+and get the torchrun variables: ``finetune`` creates the process group. Every job uses one intra-op thread, so the
+numbers do not depend on the machine and the 2-process runs do the same arithmetic per rank as the 1-process run.
+Runs that several tests inspect are module-scoped fixtures.
+
+The losses were observed on this CPU machine (fp32) and are pinned with a tolerance (torchtune style). The default
+run of this file (five jobs, two of them 2-process ones; the job server's imports; the session's checkpoint and
+demo data when no earlier module made them) took 195 s on the shared 2-core machine under load (the generic-GPT
+version it replaces: 180 s there); the ``slow`` test (resume with another data-parallel size) adds about 45 s.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import math
 import os
 import signal
+import sys
+import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-
-from gemma4vl.testing.wandb_offline import wandb_history
 import torch
 import torch.multiprocessing as mp
 
-from gemma4vl.testing.distributed import FORKSERVER_PRELOAD, free_port, run_distributed
+from gemma4vl.testing.distributed import free_port
+from gemma4vl.testing.pytest_fixtures import losses
 
-VOCAB, SEQ = 128, 16
-MICRO_BATCH, GLOBAL_BATCH = 1, 4
 TRAIN_ITERS, SAVE_AT, EVAL_INTERVAL = 6, 3, 2
-DATASET_SIZE = 64
-RUN_TIMEOUT = 240.0
+GLOBAL_BATCH = 2  # micro batch 1 (conf/trainer/cpu.yaml): 2 micro batches per step on 1 process, 1 per rank at DP 2
+PARALLEL_ITERS = 3
+RUN_TIMEOUT = 300.0
 
-# Per-iteration "lm loss" (token-weighted masked mean over the global batch) of the reference run, observed on
-# CPU: Adam lr 1e-2, clip 1.0, seed 1234, global batch 4 (micro batch 1).
-EXPECTED_LOSSES = [
-    4.850778102874756,
-    4.517919063568115,
-    4.503427028656006,
-    4.3913187980651855,
-    4.457220077514648,
-    4.300971984863281,
-]
-# Validation "lm loss" at iterations 2, 4, 6 (one global batch each).
-EXPECTED_EVAL_LOSSES = [4.494146347045898, 4.405272006988525, 4.149313926696777]
+# Per-step "lm loss" (token-weighted masked mean over the global batch, metrics.jsonl) of the reference run,
+# observed on this machine: the tiny fp32 checkpoint, the demo data (seq 512), conf/optim/demo.yaml (Adam lr 2e-3,
+# warmup 2, cosine decay over 6 steps), the distributed optimizer (DP = 1), seed 1234. Steps 1-4 are also
+# tests/test_recipe.py's PINNED (to its 5 decimals): `python -m recipes.finetune` with the plain optimizer and
+# another schedule length, which reaches the same learning rates by step 4.
+EXPECTED_LOSSES = {1: 6.124521732330322, 2: 6.14092493057251, 3: 5.647480010986328, 4: 5.085865020751953,
+                   5: 5.0432610511779785, 6: 4.663199424743652}
+# Validation loss at steps 2, 4, 6 (eval_iters 1: one global batch of the validation split).
+EXPECTED_VAL_LOSSES = {2: 5.475930690765381, 4: 5.130106449127197, 6: 4.644461631774902}
+# Tolerance of the pinned values: two processes of the same command may differ by ~1e-7 relative, 1e-6 by step 6
+# (tests/test_recipe.py, test_resume_after_sigkill_reproduces_the_uninterrupted_run); 1e-5 relative is 10x that
+# and 10^4 below what one training step changes here.
+PINNED_RTOL = 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,316 +151,90 @@ def test_modules_imported_later_are_patched_when_imported(tmp_path, monkeypatch)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Data: a map-style dataset of dicts, and the DatasetProvider that serves it
+# One job: the production finetune, in fresh processes
 # --------------------------------------------------------------------------------------------------------------
 
 
-class CountingDataset(torch.utils.data.Dataset):
-    """Sequences ``s, s+1, s+2, ...`` (mod vocab) from random starts; about 80 % of the positions carry loss."""
+def run_config(inputs, run_dir: Path, *extra: str):
+    """The run config ``python -m recipes.finetune hydra.run.dir=<run_dir> <overrides> <extra>`` trains."""
+    from test_config import compose_run
 
-    def __init__(self, size: int, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, VOCAB, (size, 1), generator=generator)
-        self.sequences = (starts + torch.arange(SEQ + 1)) % VOCAB
-        self.loss_mask = (torch.rand(size, SEQ, generator=generator) > 0.2).float()
+    from gemma4vl.config.compose import to_run_config
 
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {
-            "tokens": self.sequences[index, :-1],
-            "labels": self.sequences[index, 1:],
-            "loss_mask": self.loss_mask[index],
-        }
-
-    def collate_fn(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-def _make_dataset_provider_class() -> type:
-    from dataclasses import dataclass as dataclass_
-
-    from megatron.bridge.data.base import DatasetProvider
-
-    @dataclass_(kw_only=True)
-    class CountingDatasetProvider(DatasetProvider):
-        """Train / validation / test splits of :class:`CountingDataset` (fixed sizes and seeds)."""
-
-        seq_length: int = SEQ
-
-        def build_datasets(self, context):
-            return CountingDataset(DATASET_SIZE, 1), CountingDataset(DATASET_SIZE, 2), CountingDataset(DATASET_SIZE, 3)
-
-    CountingDatasetProvider.__module__ = __name__
-    CountingDatasetProvider.__qualname__ = "CountingDatasetProvider"
-    return CountingDatasetProvider
-
-
-def _dataset_provider_class() -> type:
-    # The provider must subclass Megatron-Bridge's DatasetProvider, but importing Megatron-Bridge while pytest
-    # merely collects this module would cost ~10 s: the class is created on first use (in the training process)
-    # and kept as the module attribute its __qualname__ names.
-    if "CountingDatasetProvider" not in globals():
-        globals()["CountingDatasetProvider"] = _make_dataset_provider_class()
-    return globals()["CountingDatasetProvider"]
-
-
-def __getattr__(name: str):
-    if name == "CountingDatasetProvider":
-        return _dataset_provider_class()
-    raise AttributeError(name)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Model: the local spec; with sequence parallelism, norms that mark their weight for it
-# --------------------------------------------------------------------------------------------------------------
-
-
-def local_spec_with_sequence_parallel_norms(config):
-    """``local_layer_spec(config)`` with its norms replaced by an RMSNorm marked ``sequence_parallel``.
-
-    Megatron-Core's local-spec norm without Apex (``WrappedTorchNorm``) refuses ``sequence_parallel=True`` (it does
-    not set the attribute that makes ``finalize_model_grads`` all-reduce the norm's gradient over the tensor-
-    parallel group); Transformer Engine's norm does. A model-spec matter, not a CPU one; numerically the same
-    ``torch.nn.RMSNorm``.
-    """
-    import dataclasses
-
-    from megatron.bridge.models.gpt_provider import local_layer_spec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    class SequenceParallelRMSNorm(torch.nn.RMSNorm):
-        def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_ignored):
-            super().__init__(hidden_size, eps=eps)
-            self.weight.sequence_parallel = config.sequence_parallel
-
-    spec = local_layer_spec(config)
-    submodules = dataclasses.replace(
-        spec.submodules, input_layernorm=SequenceParallelRMSNorm, pre_mlp_layernorm=SequenceParallelRMSNorm
-    )
-    layer = dataclasses.replace(spec, submodules=submodules)
-    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=SequenceParallelRMSNorm)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# One training job
-# --------------------------------------------------------------------------------------------------------------
+    ckpt, data = inputs
+    overrides = [
+        f"model.hf_path={ckpt}", f"data.path={data}", "data.seq_length=512", "data.num_workers=0",
+        "data.persistent_workers=false", f"trainer.train_iters={TRAIN_ITERS}",
+        f"trainer.global_batch_size={GLOBAL_BATCH}", "trainer.log_interval=1",
+        f"trainer.eval_interval={EVAL_INTERVAL}", "trainer.eval_iters=1", f"checkpoint.save_interval={SAVE_AT}",
+        "checkpoint.keep_last=null", "optim.warmup_iters=2", f"optim.decay_iters={TRAIN_ITERS}",
+        "optim.use_distributed_optimizer=true", "logger=tensorboard", "logger.val_image_samples=0",
+        "export.enabled=false", *extra,
+    ]
+    return to_run_config(compose_run(overrides, run_dir=run_dir))
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """What one training job does; everything a fresh process needs (picklable)."""
+class Job:
+    """One ``finetune(run)`` on ``world_size`` processes, and what the test adds to it (module docstring)."""
 
-    directory: str
-    train_iters: int = TRAIN_ITERS
-    tensor_parallel: int = 1
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = False
-    save: bool = True
-    save_interval: int | None = SAVE_AT
-    load: str | None = None
-    eval_interval: int | None = EVAL_INTERVAL
-    tensorboard: bool = False
-    wandb: bool = False
-    fully_reshardable: bool = False  # the distributed optimizer's checkpoint format (default: dp_reshardable)
-    exercise_reporting: bool = False  # every optional metric, timer level 2, per-step sync, duration checks
+    run: Any  # gemma4vl.config.schema.RunConfig
+    name: str  # results in <run_dir>/../<name>-rank<r>.json
+    world_size: int = 1
     sigterm_at_iteration: int | None = None  # the forward step of this training iteration sends SIGTERM to itself
-    import_bridge_before_runtime: bool = False  # exercise both orders of activation and Megatron-Bridge import
-    environment: dict = field(default_factory=dict)
+    all_reporting: bool = False  # every optional metric of the loop (the CPU backend's section E)
+    fully_reshardable_optimizer: bool = False  # the distributed optimizer's other checkpoint format
+    # Megatron-Bridge's training setup / train modules imported before the CPU backend's activation (the recipe
+    # imports them after it): both orders must end with the same patches.
+    import_bridge_before_runtime: bool = False
+
+    def result_path(self, rank: int, suffix: str = ".json") -> Path:
+        return Path(self.run.run_dir).parent / f"{self.name}-rank{rank}{suffix}"
 
 
-def _config(spec: RunSpec):
-    from megatron.bridge.models.gpt_provider import GPTModelProvider, local_layer_spec
-    from megatron.bridge.training.config import (
-        CheckpointConfig,
-        ConfigContainer,
-        DistributedDataParallelConfig,
-        DistributedInitConfig,
-        LoggerConfig,
-        OptimizerConfig,
-        RNGConfig,
-        SchedulerConfig,
-        TrainingConfig,
-        ValidationConfig,
-    )
-    from megatron.bridge.training.tokenizers.config import TokenizerConfig
+def _recording_forward_step(job: Job, draws: dict):
+    """Our ForwardStep, plus the RNG draws and the SIGTERM of the module docstring."""
+    import gemma4vl.training.forward_step as forward_step
 
-    directory = Path(spec.directory)
-    reporting = {}
-    if spec.exercise_reporting:
-        # The optional reporting paths of the loop, which touch CUDA in places of their own (section E of
-        # cpu_backend_bridge): timers at level 2 written to TensorBoard, throughput, memory, runtime, parameter and
-        # gradient norms, zeros in the gradient, world size; a CUDA synchronize every step, emptying the cache, and
-        # the wall-clock limit checked (and not reached) after every iteration and evaluation.
-        reporting = dict(
-            timing_log_level=2,
-            log_timers_to_tensorboard=True,
-            log_throughput=True,
-            log_throughput_to_tensorboard=True,
-            log_memory_to_tensorboard=True,
-            log_runtime_to_tensorboard=True,
-            log_params_norm=True,
-            log_l2_norm_grad_to_tensorboard=True,
-            log_world_size_to_tensorboard=True,
-        )
-    model = GPTModelProvider(
-        transformer_layer_spec=(
-            local_spec_with_sequence_parallel_norms if spec.sequence_parallel else local_layer_spec
-        ),
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        ffn_hidden_size=128,
-        vocab_size=VOCAB,
-        make_vocab_size_divisible_by=1,
-        seq_length=SEQ,
-        position_embedding_type="rope",
-        normalization="RMSNorm",
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=32,
-        moe_shared_expert_intermediate_size=64,
-        moe_token_dispatcher_type="alltoall",
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=1e-2,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        # CPU settings (see gemma4vl/runtime/cpu_backend_bridge.py): weights drawn on the CPU (Megatron-Bridge's
-        # get_model otherwise moves the model to CUDA), no Apex gradient-accumulation fusion, and no
-        # torch.compile'd cross-entropy fusion (inductor compiles it for the CPU: ~30 s for nothing).
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
-        params_dtype=torch.float32,
-        bf16=False,
-        fp16=False,
-        tensor_model_parallel_size=spec.tensor_parallel,
-        sequence_parallel=spec.sequence_parallel,
-    )
-    return ConfigContainer(
-        model=model,
-        train=TrainingConfig(
-            train_iters=spec.train_iters,
-            micro_batch_size=MICRO_BATCH,
-            global_batch_size=GLOBAL_BATCH,
-            exit_signal_handler=True,
-            **(
-                dict(train_sync_interval=1, empty_unused_memory_level=2, exit_duration_in_mins=10_000)
-                if spec.exercise_reporting
-                else {}
-            ),
-        ),
-        validation=ValidationConfig(eval_interval=spec.eval_interval, eval_iters=1 if spec.eval_interval else 0),
-        optimizer=OptimizerConfig(
-            optimizer="adam",
-            lr=1e-2,
-            min_lr=0.0,
-            weight_decay=0.0,
-            clip_grad=1.0,
-            bf16=False,
-            fp16=False,
-            use_distributed_optimizer=spec.distributed_optimizer,
-            log_num_zeros_in_grad=spec.exercise_reporting,
-        ),
-        scheduler=SchedulerConfig(
-            lr_decay_style="constant",
-            # The schedule spans the 6-iteration run in every job, so that a job that trains 3 iterations has the
-            # same schedule as the run it resumes into (the scheduler checks it on load).
-            max_steps=TRAIN_ITERS,
-            start_weight_decay=0.0,
-            end_weight_decay=0.0,
-            weight_decay_incr_style="constant",
-        ),
-        dataset=_dataset_provider_class()(dataloader_type="single", num_workers=0, pin_memory=False),
-        logger=LoggerConfig(
-            log_interval=1,
-            tensorboard_dir=str(directory / "tensorboard") if spec.tensorboard else None,
-            wandb_project="gemma4vl-cpu-test" if spec.wandb else None,
-            wandb_exp_name="cpu-loop" if spec.wandb else "",
-            wandb_save_dir=str(directory / "wandb") if spec.wandb else None,
-            **reporting,
-        ),
-        tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB),
-        checkpoint=CheckpointConfig(
-            save=str(directory / "checkpoints") if spec.save else None,
-            load=spec.load,
-            save_interval=spec.save_interval,
-            ckpt_format="torch_dist",
-            dist_ckpt_optim_fully_reshardable=spec.fully_reshardable,
-        ),
-        dist=DistributedInitConfig(distributed_backend="gloo"),
-        ddp=DistributedDataParallelConfig(use_distributed_optimizer=spec.distributed_optimizer),
-        rng=RNGConfig(seed=1234),
-    )
+    class RecordingForwardStep(forward_step.ForwardStep):
+        sent = False
+
+        def __call__(self, state, data_iterator, model):
+            if model.training:
+                from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+                iteration = state.train_state.step + 1
+                with get_cuda_rng_tracker().fork():
+                    tracker_draw = torch.rand(()).item()
+                draws.setdefault(iteration, []).append([torch.rand(()).item(), tracker_draw])
+                if iteration == job.sigterm_at_iteration and not RecordingForwardStep.sent:
+                    RecordingForwardStep.sent = True
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return super().__call__(state, data_iterator, model)
+
+    return RecordingForwardStep
 
 
-class ForwardStep:
-    """Our forward step: the model's per-token losses, and a loss function over the loss mask.
+def _with_job_options(build, job: Job):
+    """The production ``build_config_container``, then the job's extra options on the container it returns."""
 
-    Megatron's schedule divides the returned loss sum by the token count (a masked mean per micro batch); the
-    reported ``"lm loss"`` pair ``[sum, tokens]`` is summed over the global batch and divided by the loop.
-    """
+    def build_config_container(cfg, auto_bridge, *, resume):
+        container = build(cfg, auto_bridge, resume=resume)
+        if job.all_reporting:
+            for name in ("log_timers_to_tensorboard", "log_throughput", "log_throughput_to_tensorboard",
+                         "log_memory_to_tensorboard", "log_runtime_to_tensorboard", "log_params_norm",
+                         "log_l2_norm_grad_to_tensorboard", "log_world_size_to_tensorboard"):
+                setattr(container.logger, name, True)
+            container.logger.timing_log_level = 2
+            container.optimizer.log_num_zeros_in_grad = True
+            container.train.train_sync_interval = 1
+            container.train.empty_unused_memory_level = 2
+            container.train.exit_duration_in_mins = 10_000  # checked after every iteration and evaluation
+        if job.fully_reshardable_optimizer:
+            container.checkpoint.dist_ckpt_optim_fully_reshardable = True
+        return container
 
-    def __init__(self, sigterm_at_iteration: int | None):
-        self.sigterm_at_iteration = sigterm_at_iteration
-        self.sent = False
-        # Per training iteration, one draw from the default generator and one from the tensor-parallel RNG
-        # tracker per micro batch. Nothing uses them; a resumed run reproduces them only if the RNG states were
-        # checkpointed and restored (no dropout here, so the losses alone would not show it).
-        self.rng_draws: dict[int, list[list[float]]] = {}
-
-    def __call__(self, state: "GlobalState", data_iterator, model):  # noqa: F821 (Megatron-Bridge reads the name)
-        batch = next(data_iterator)
-        if model.training:
-            from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-            with get_cuda_rng_tracker().fork():
-                tracker_draw = torch.rand(()).item()
-            draws = self.rng_draws.setdefault(state.train_state.step + 1, [])
-            draws.append([torch.rand(()).item(), tracker_draw])
-        if (
-            model.training
-            and self.sigterm_at_iteration is not None
-            and not self.sent
-            and state.train_state.step + 1 == self.sigterm_at_iteration
-        ):
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)  # as Slurm / torchrun would, in the middle of an iteration
-        output = model(batch["tokens"], position_ids=None, attention_mask=None, labels=batch["labels"])
-        loss_mask = batch["loss_mask"]
-
-        def loss_function(output_tensor: torch.Tensor):
-            losses = output_tensor.float().view(-1)
-            mask = loss_mask.view(-1).float()
-            loss = torch.sum(losses * mask)
-            num_tokens = mask.sum().to(torch.int)
-            return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1), num_tokens.view(1).float()])}
-
-        return output, loss_function
-
-
-def _recorder():
-    from megatron.bridge.training.callbacks import Callback
-
-    class Recorder(Callback):
-        def __init__(self):
-            self.losses: dict[int, float] = {}
-            self.eval_losses: dict[int, float] = {}
-            self.saved: list[int] = []
-
-        def on_train_step_end(self, context):
-            if "lm loss" in (context.loss_dict or {}):
-                self.losses[context.state.train_state.step + 1] = float(context.loss_dict["lm loss"])
-
-        def on_eval_end(self, context):
-            self.eval_losses[context.state.train_state.step] = float(context.total_loss_dict["lm loss"])
-
-        def on_checkpoint_save(self, context):
-            self.saved.append(context.state.train_state.step)
-
-    return Recorder()
+    return build_config_container
 
 
 def _patched_state() -> dict:
@@ -462,133 +250,136 @@ def _patched_state() -> dict:
     }
 
 
-def train_job(spec: RunSpec) -> dict:
-    """Run one training job in this (fresh) process, as the recipe does; return what happened.
-
-    The result is also written to ``<directory>/result-rank<r>.json`` before Megatron-Bridge's ``sys.exit`` (the
-    SIGTERM path) can end the process.
-    """
-    os.environ.update(spec.environment)
-    # One intra-op thread in every job: the numbers do not depend on the machine's core count, and the 2-process
-    # runs do the same arithmetic per rank as the 1-process run.
+def finetune_job(job: Job) -> int:
+    """``finetune(job.run)`` in this (fresh) process, as ``recipes.finetune`` calls it; the exit status it would
+    give. What happened is written to ``job.result_path(rank)``."""
     torch.set_num_threads(1)
-    from gemma4vl.runtime import import_megatron_bridge, setup_runtime
+    if job.import_bridge_before_runtime:
+        from gemma4vl.runtime import import_megatron_bridge
 
-    if spec.import_bridge_before_runtime:
         import_megatron_bridge()
         import megatron.bridge.training.setup  # noqa: F401  (patched at activation, not on import)
         import megatron.bridge.training.train  # noqa: F401
-    setup_runtime("cpu")
-    import_megatron_bridge()
-    from megatron.bridge.data.utils import get_dataset_provider
-    from megatron.bridge.training.callbacks import normalize_callbacks
-    from megatron.bridge.training.config import runtime_config_update
-    from megatron.bridge.training.setup import setup
-    from megatron.bridge.training.state import GlobalState
-    from megatron.bridge.training.train import _finish_train, train
+    import gemma4vl.training.finetune as recipe
 
-    recorder = _recorder()
-    callbacks = normalize_callbacks([recorder])
-    rank = int(os.environ.get("RANK", "0"))
-    result_path = Path(spec.directory) / f"result-rank{rank}.json"
-    result: dict = {"patched": _patched_state(), "exit_code": None, "finished": False}
+    draws: dict[int, list[list[float]]] = {}
+    production_train = recipe._train
 
-    forward_step = ForwardStep(spec.sigterm_at_iteration)
+    def train(cfg, hf_dir, resume):
+        # After finetune's setup_runtime, where the production _train imports these modules itself.
+        import gemma4vl.config.container as container
+        import gemma4vl.training.forward_step as forward_step
 
-    def write_result() -> None:
-        result.update(
-            losses=recorder.losses,
-            eval_losses=recorder.eval_losses,
-            saved=recorder.saved,
-            rng_draws=forward_step.rng_draws,
-        )
-        result_path.write_text(json.dumps(result))
+        forward_step.ForwardStep = _recording_forward_step(job, draws)
+        container.build_config_container = _with_job_options(container.build_config_container, job)
+        return production_train(cfg, hf_dir, resume)
 
-    cfg = _config(spec)
-    runtime_config_update(cfg)
-    state = GlobalState()
-    state.cfg = cfg
-    out = setup(state, get_dataset_provider(cfg.dataset), callback_manager=callbacks)
-    result["start_iteration"] = state.train_state.step
+    recipe._train = train
+    result = recipe.finetune(job.run)
+    exit_status = recipe.main_exit_code(result)
+    rank = int(os.environ["RANK"])
+    job.result_path(rank).write_text(json.dumps({
+        "exit_status": exit_status, "steps": result.steps, "resumed_from": result.resumed_from,
+        "preempted": result.preempted, "patched": _patched_state(), "rng_draws": draws,
+    }))
+    return exit_status
+
+
+def _job_process(job: Job, rank: int, port: int, environment: dict) -> None:
+    """Target of one rank's process: the torchrun variables, the job, its exit status (99: it raised)."""
+    os.environ.clear()
+    os.environ.update(environment)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job.world_size),
+                      LOCAL_WORLD_SIZE=str(job.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        train(
-            forward_step,
-            out.model,
-            out.optimizer,
-            out.scheduler,
-            out.train_data_iterator,
-            out.valid_data_iterator,
-            state,
-            out.checkpoint_manager,
-            out.pg_collection,
-            callback_manager=callbacks,
-        )
-    except SystemExit as exit_:
-        result["exit_code"] = exit_.code
-        result["signal_received"] = bool(state.signal_handler._signal_received)
-        write_result()
-        raise
-    _finish_train(state, out.checkpoint_manager)
-    result["finished"] = True
-    write_result()
-    return result
+        status = finetune_job(job)
+    except BaseException:  # noqa: BLE001 -- written down for the test, which reports it
+        job.result_path(rank, ".traceback").write_text(traceback.format_exc())
+        status = 99
+    sys.exit(status)
 
 
-def _in_fresh_process_and_exit(spec: RunSpec) -> None:
-    """Target of a plain child process: run the job; an exception is written down and exits with status 99."""
+def _run_ranks(job: Job, timeout: float, environment: dict) -> tuple[list[int | None], bool]:
+    """In the job server: fork the job's ranks, wait for them; (exit statuses, timed out). A rank that fails ends
+    the others at once (they would wait in a collective)."""
+    context = mp.get_context("fork")
+    port = free_port()
+    processes = [context.Process(target=_job_process, args=(job, rank, port, environment), daemon=False)
+                 for rank in range(job.world_size)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout
     try:
-        train_job(spec)
-    except SystemExit:
-        raise
-    except BaseException:
-        (Path(spec.directory) / "traceback.txt").write_text(traceback.format_exc())
-        raise SystemExit(99)
+        while any(process.is_alive() for process in processes):
+            if any(p.exitcode not in (None, 0, 75) for p in processes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+    return [process.exitcode for process in processes], time.monotonic() > deadline
 
 
-def _run_as_plain_process(spec: RunSpec, timeout: float = RUN_TIMEOUT) -> tuple[int, dict]:
-    """Run ``train_job`` as a single-process job of its own; return its exit status and its result.
+def _job_server(connection) -> None:
+    """Import what ``recipes/finetune.py`` imports before it runs (Megatron-Core, Megatron-Bridge, transformers:
+    ``gemma4vl.training.finetune``; about 13 s per process on the loaded 2-core machine), then run each job asked
+    for with its ranks forked from here, so that no rank pays the imports again."""
+    import gemma4vl.training.finetune  # noqa: F401
 
-    The child is forked from the ``run_distributed`` fork server (Megatron-Core already imported) but, unlike a
-    ``run_distributed`` rank, it is not daemonic (Megatron-Core's ``torch_dist`` checkpoint writer starts a
-    ``multiprocessing`` manager process, which daemonic processes may not) and it gets no process group:
-    Megatron-Bridge's ``initialize_megatron`` creates it from ``RANK`` / ``WORLD_SIZE`` / ``MASTER_*``.
-    """
-    environment = {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
-    spec = replace(spec, environment={**environment, **spec.environment})
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
-    process = context.Process(target=_in_fresh_process_and_exit, args=(spec,), daemon=False)
-    process.start()
-    process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join(5)
-        raise TimeoutError(f"training job did not finish within {timeout:g} s")
-    traceback_file = Path(spec.directory) / "traceback.txt"
-    if traceback_file.exists():
-        raise AssertionError(f"training job failed:\n{traceback_file.read_text()}")
-    result_file = Path(spec.directory) / "result-rank0.json"
-    if not result_file.exists():
-        raise AssertionError(f"training job exited with status {process.exitcode} without a result")
-    return process.exitcode, json.loads(result_file.read_text())
+    while (request := connection.recv()) is not None:
+        connection.send(_run_ranks(*request))
+    os._exit(0)  # nothing to flush; the interpreter's own shutdown (Megatron, torch) takes ~20 s here
 
 
-def _by_step(values: dict) -> dict[int, float]:
-    """A job's per-iteration values keyed by int (JSON turned the keys into strings)."""
-    return {int(step): value for step, value in values.items()}
+@pytest.fixture(scope="module")
+def job_server():
+    """The module's job server: a fresh (spawned) interpreter, not daemonic (its ranks start processes)."""
+    context = mp.get_context("spawn")
+    connection, server_end = context.Pipe()
+    server = context.Process(target=_job_server, args=(server_end,), name="finetune-job-server", daemon=False)
+    server.start()
+    yield connection
+    connection.send(None)
+    server.join(30)
+    if server.is_alive():
+        server.kill()
+        server.join(5)
 
 
-def _assert_same_losses(losses: dict[int, float], reference: dict[int, float], *, atol: float, rtol: float = 0.0):
-    """``losses`` equals ``reference`` at every iteration ``losses`` has."""
-    steps = sorted(losses)
-    torch.testing.assert_close([losses[s] for s in steps], [reference[s] for s in steps], rtol=rtol, atol=atol)
+def run_job(job_server, job: Job, timeout: float = RUN_TIMEOUT) -> list[dict]:
+    """Run ``job`` in the job server; per rank, what ``finetune_job`` wrote. A failure fails the test with the
+    rank's traceback."""
+    job_server.send((job, timeout, dict(os.environ)))
+    if not job_server.poll(timeout + 120):  # the server's first job waits for its imports
+        raise TimeoutError(f"the job server did not answer within {timeout + 120:g} s")
+    exit_statuses, timed_out = job_server.recv()
+    for rank in range(job.world_size):
+        if job.result_path(rank, ".traceback").exists():
+            raise AssertionError(f"{job.name} rank {rank} failed:\n{job.result_path(rank, '.traceback').read_text()}")
+    if timed_out:
+        raise TimeoutError(f"{job.name} did not finish within {timeout:g} s")
+    results = []
+    for rank, exit_status in enumerate(exit_statuses):
+        path = job.result_path(rank)
+        assert path.exists(), f"{job.name} rank {rank} exited with status {exit_status} without a result"
+        result = json.loads(path.read_text())
+        assert exit_status == result["exit_status"], (exit_status, result)
+        result["rng_draws"] = {int(step): draws for step, draws in result["rng_draws"].items()}
+        results.append(result)
+    return results
+
+
+def assert_close_by_step(got: dict[int, float], expected: dict[int, float], *, rtol: float, atol: float = 0.0):
+    """``got`` and ``expected`` have the same steps and equal values (within the tolerance) at each."""
+    assert sorted(got) == sorted(expected), (got, expected)
+    torch.testing.assert_close([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=rtol,
+                               atol=atol)
+
+
+def iterations(first: int, last: int) -> list[int]:
+    return list(range(first, last + 1))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -597,33 +388,27 @@ def _assert_same_losses(losses: dict[int, float], reference: dict[int, float], *
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """6 iterations on one process: eval every 2, checkpoint every 3, TensorBoard and offline W&B, all reporting."""
-    directory = tmp_path_factory.mktemp("reference")
-    spec = RunSpec(
-        directory=str(directory),
-        tensorboard=True,
-        wandb=True,
-        exercise_reporting=True,
-        environment={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"},
-    )
-    exit_status, result = _run_as_plain_process(spec)
-    assert exit_status == 0 and result["finished"], (exit_status, result)
-    return {**result, "directory": directory}
+def reference_run(job_server, inputs, tmp_path_factory):
+    """6 steps on one process: evaluation every 2, a checkpoint every 3, TensorBoard, every optional metric."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    (result,) = run_job(job_server, Job(run_config(inputs, run_dir), "reference", all_reporting=True))
+    assert result["exit_status"] == 0 and result["steps"] == TRAIN_ITERS and not result["preempted"], result
+    return {**result, "run_dir": run_dir, "losses": losses(run_dir, "loss"),
+            "val_losses": losses(run_dir, "val_loss")}
 
 
 @pytest.fixture(scope="module")
-def sigterm_run(tmp_path_factory):
-    """A job told to train 6 iterations that receives SIGTERM during iteration 3 (no interval checkpoints)."""
-    directory = tmp_path_factory.mktemp("sigterm")
-    spec = RunSpec(
-        directory=str(directory),
-        save_interval=None,
-        eval_interval=None,
-        sigterm_at_iteration=SAVE_AT,
-    )
-    exit_status, result = _run_as_plain_process(spec)
-    return {**result, "exit_status": exit_status, "directory": directory}
+def sigterm_run(job_server, inputs, tmp_path_factory):
+    """The same run (no evaluation, no interval checkpoint) receiving SIGTERM during step 3; then the same command
+    again in the same run directory, which resumes from the checkpoint the signal saved (imports in the other
+    order)."""
+    run_dir = tmp_path_factory.mktemp("sigterm") / "run"
+    run = run_config(inputs, run_dir, "trainer.eval_interval=null", "checkpoint.save_interval=null")
+    (stopped,) = run_job(job_server, Job(run, "stopped", sigterm_at_iteration=SAVE_AT))
+    stopped = {**stopped, "losses": losses(run_dir, "loss"),
+               "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))}
+    (resumed,) = run_job(job_server, Job(run, "resumed", import_bridge_before_runtime=True))
+    return stopped, {**resumed, "losses": losses(run_dir, "loss")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -632,23 +417,19 @@ def sigterm_run(tmp_path_factory):
 
 
 def test_losses_are_pinned_and_fall(reference_run):
-    losses = [_by_step(reference_run["losses"])[step] for step in range(1, TRAIN_ITERS + 1)]
     assert reference_run["patched"] == {"seed": True, "setup_initialize": True}
-    torch.testing.assert_close(losses, EXPECTED_LOSSES, rtol=1e-5, atol=1e-5)
-    assert losses[-1] < losses[0] - 0.3, losses
-    assert all(math.isfinite(loss) for loss in losses)
+    assert_close_by_step(reference_run["losses"], EXPECTED_LOSSES, rtol=PINNED_RTOL)
+    assert reference_run["losses"][TRAIN_ITERS] < reference_run["losses"][1] - 1.0, reference_run["losses"]
 
 
 def test_evaluation_runs_at_the_interval_and_reports_its_loss(reference_run):
-    eval_losses = _by_step(reference_run["eval_losses"])
-    assert sorted(eval_losses) == list(range(EVAL_INTERVAL, TRAIN_ITERS + 1, EVAL_INTERVAL))
-    _assert_same_losses(eval_losses, dict(zip(sorted(eval_losses), EXPECTED_EVAL_LOSSES)), rtol=1e-5, atol=1e-5)
-    assert eval_losses[TRAIN_ITERS] < eval_losses[EVAL_INTERVAL]
+    assert_close_by_step(reference_run["val_losses"], EXPECTED_VAL_LOSSES, rtol=PINNED_RTOL)
+    assert sorted(reference_run["val_losses"]) == list(range(EVAL_INTERVAL, TRAIN_ITERS + 1, EVAL_INTERVAL))
+    assert reference_run["val_losses"][TRAIN_ITERS] < reference_run["val_losses"][EVAL_INTERVAL]
 
 
 def test_checkpoints_are_written_at_the_interval_in_torch_dist_format(reference_run):
-    root = reference_run["directory"] / "checkpoints"
-    assert reference_run["saved"] == [SAVE_AT, TRAIN_ITERS]
+    root = reference_run["run_dir"] / "checkpoints"
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == str(TRAIN_ITERS)
     assert (root / "latest_train_state.pt").is_file()
     assert sorted(path.name for path in root.glob("iter_*")) == [f"iter_{SAVE_AT:07d}", f"iter_{TRAIN_ITERS:07d}"]
@@ -664,155 +445,84 @@ def test_checkpoints_are_written_at_the_interval_in_torch_dist_format(reference_
 def test_tensorboard_event_files_hold_the_losses(reference_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (event_file,) = glob.glob(str(reference_run["directory"] / "tensorboard" / "events.out.tfevents.*"))
-    events = EventAccumulator(event_file)
+    (event_file,) = (reference_run["run_dir"] / "tensorboard").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file))
     events.Reload()
     logged = {event.step: event.value for event in events.Scalars("lm loss")}
-    assert sorted(logged) == list(range(1, TRAIN_ITERS + 1))
-    _assert_same_losses(_by_step(reference_run["losses"]), logged, rtol=1e-6, atol=0)
+    assert_close_by_step(logged, reference_run["losses"], rtol=1e-6)
     validation = {event.step: event.value for event in events.Scalars("lm loss validation")}
-    _assert_same_losses(_by_step(reference_run["eval_losses"]), validation, rtol=1e-6, atol=0)
+    assert_close_by_step(validation, reference_run["val_losses"], rtol=1e-6)
     tags = set(events.Tags()["scalars"])
-    assert {"learning-rate", "iteration-time", "throughput/tflops", "world-size", "forward-backward-time"} <= tags, tags
-
-
-def test_wandb_offline_run_directory_holds_the_losses(reference_run):
-    (run_file,) = glob.glob(str(reference_run["directory"] / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
-    history = wandb_history(run_file)
-    logged = {row["_step"]: float(row["lm loss"]) for row in history if "lm loss" in row}
-    assert sorted(logged) == list(range(1, TRAIN_ITERS + 1))
-    _assert_same_losses(_by_step(reference_run["losses"]), logged, rtol=1e-6, atol=0)
-    validation = {row["_step"]: float(row["lm loss validation"]) for row in history if "lm loss validation" in row}
-    _assert_same_losses(_by_step(reference_run["eval_losses"]), validation, rtol=1e-6, atol=0)
+    # The optional metrics the job turned on, each computed by the loop on the CPU backend.
+    expected = {"learning-rate", "iteration-time", "throughput/tokens_per_sec", "world-size", "params-norm",
+                "grad-norm", "num-zeros", "forward-backward-time"}
+    assert expected <= tags, expected - tags
 
 
 # --------------------------------------------------------------------------------------------------------------
-# SIGTERM and resume
+# SIGTERM and resume; the distributed optimizer's checkpoint
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_with_status_0(reference_run, sigterm_run):
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_status(reference_run, sigterm_run):
     # Megatron-Bridge's DistributedSignalHandler only records the signal; at the end of the iteration
     # checkpoint_and_decide_exit sees it on some rank (all-gather over gloo), saves a checkpoint and stops the loop;
-    # train() then calls sys.exit(exit_code), with the exit code of the rerun state machine: 0.
-    assert sigterm_run["exit_status"] == 0
-    assert sigterm_run["exit_code"] == 0 and sigterm_run["signal_received"] and not sigterm_run["finished"]
-    assert sigterm_run["saved"] == [SAVE_AT]
-    root = sigterm_run["directory"] / "checkpoints"
-    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == str(SAVE_AT)
-    assert sorted(path.name for path in root.glob("iter_*")) == [f"iter_{SAVE_AT:07d}"]
-    # It trained exactly as the reference did until the signal.
-    stopped = _by_step(sigterm_run["losses"])
-    assert sorted(stopped) == list(range(1, SAVE_AT + 1))
-    reference = _by_step(reference_run["losses"])
-    _assert_same_losses(stopped, reference, atol=0)
-    reference_draws = _by_step(reference_run["rng_draws"])
-    assert _by_step(sigterm_run["rng_draws"]) == {step: reference_draws[step] for step in range(1, SAVE_AT + 1)}
+    # finetune reports the run as preempted and recipes.finetune exits with 75 (EXIT_PREEMPTED).
+    stopped, _ = sigterm_run
+    assert stopped["exit_status"] == 75 and stopped["preempted"] and stopped["steps"] == SAVE_AT, stopped
+    assert stopped["checkpoints"] == [f"iter_{SAVE_AT:07d}"]
+    # It trained as the reference did until the signal (another process: see PINNED_RTOL), with the same draws.
+    assert_close_by_step(stopped["losses"], {s: reference_run["losses"][s] for s in iterations(1, SAVE_AT)},
+                         rtol=PINNED_RTOL)
+    assert stopped["rng_draws"] == {s: reference_run["rng_draws"][s] for s in iterations(1, SAVE_AT)}
 
 
-def test_resume_after_sigterm_matches_the_uninterrupted_run(reference_run, sigterm_run, tmp_path):
-    # A fresh process loads the SIGTERM checkpoint (iteration 3) and trains to 6: equal losses prove that model,
-    # optimizer (Adam moments and step), scheduler, data position and RNG state were all restored.
-    spec = RunSpec(
-        directory=str(tmp_path),
-        load=str(sigterm_run["directory"] / "checkpoints"),
-        save=False,
-        eval_interval=None,
-        import_bridge_before_runtime=True,
-    )
-    (resumed,) = run_distributed(train_job, 1, spec, timeout=RUN_TIMEOUT)
-    assert resumed["start_iteration"] == SAVE_AT
+def test_resume_after_sigterm_matches_the_uninterrupted_run(reference_run, sigterm_run):
+    # A fresh process loads the step-3 checkpoint and trains to 6: equal losses show that model, optimizer (Adam
+    # moments and step), scheduler, data position and RNG state were all restored. The distributed optimizer's
+    # state is in its default "dp_reshardable" format: resuming it used to continue with Adam step 1 (cpu_backend,
+    # section D), which the losses after the resume show.
+    _, resumed = sigterm_run
+    assert resumed["exit_status"] == 0 and resumed["resumed_from"] == SAVE_AT and resumed["steps"] == TRAIN_ITERS
     assert resumed["patched"] == {"seed": True, "setup_initialize": True}
-    losses = _by_step(resumed["losses"])
-    assert sorted(losses) == list(range(SAVE_AT + 1, TRAIN_ITERS + 1))
-    reference = _by_step(reference_run["losses"])
-    _assert_same_losses(losses, reference, atol=1e-6)
-    reference_draws = _by_step(reference_run["rng_draws"])
-    resumed_draws = _by_step(resumed["rng_draws"])
-    assert resumed_draws == {step: reference_draws[step] for step in range(SAVE_AT + 1, TRAIN_ITERS + 1)}
-
-
-def _stop_then_resume(directory: Path, *, world_size_on_resume: int = 1, **spec_fields) -> tuple[dict, list[dict]]:
-    """Job 1 trains 3 of the 6 iterations and ends normally (final checkpoint); job 2 resumes it to 6."""
-    first = RunSpec(
-        directory=str(directory / "first"), train_iters=SAVE_AT, save_interval=None, eval_interval=None, **spec_fields
-    )
-    Path(first.directory).mkdir()
-    exit_status, stopped = _run_as_plain_process(first)
-    assert exit_status == 0 and stopped["finished"] and stopped["saved"] == [SAVE_AT]
-    second = RunSpec(
-        directory=str(directory / "second"),
-        load=str(Path(first.directory) / "checkpoints"),
-        save=False,
-        eval_interval=None,
-        **spec_fields,
-    )
-    Path(second.directory).mkdir()
-    return stopped, run_distributed(train_job, world_size_on_resume, second, timeout=RUN_TIMEOUT)
-
-
-def test_distributed_optimizer_resumes_from_its_default_dp_reshardable_checkpoint(reference_run, tmp_path):
-    # Megatron-Bridge writes the distributed optimizer's state as "dp_reshardable" unless
-    # checkpoint.dist_ckpt_optim_fully_reshardable is set. Resuming it at iteration 3 used to continue with
-    # Adam step 1 (cpu_backend, section D); the losses of steps 5 and 6 showed it (4.4839 instead of 4.4572).
-    stopped, (resumed,) = _stop_then_resume(tmp_path, distributed_optimizer=True)
-    reference = _by_step(reference_run["losses"])
-    assert resumed["start_iteration"] == SAVE_AT
-    losses = {**_by_step(stopped["losses"]), **_by_step(resumed["losses"])}
-    assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
-    # The distributed optimizer (DP = 1) against the plain one: same math, different summation order.
-    _assert_same_losses(losses, reference, atol=1e-5)
-    assert _by_step(resumed["rng_draws"]) == {
-        step: draws for step, draws in _by_step(reference_run["rng_draws"]).items() if step > SAVE_AT
-    }
+    assert_close_by_step(resumed["losses"], reference_run["losses"], rtol=PINNED_RTOL)
+    assert resumed["rng_draws"] == {s: reference_run["rng_draws"][s] for s in iterations(SAVE_AT + 1, TRAIN_ITERS)}
 
 
 @pytest.mark.slow
-def test_fully_reshardable_checkpoint_resumes_with_another_data_parallel_size(reference_run, tmp_path):
+def test_fully_reshardable_checkpoint_resumes_with_another_data_parallel_size(job_server, inputs, reference_run,
+                                                                              tmp_path):
     # The format to resume with a different number of ranks (e.g. a Slurm requeue on fewer nodes): saved by one
-    # process, resumed by two (data parallel 2). Loading it used to fail with KeyError: 'step' (section D).
-    stopped, results = _stop_then_resume(
-        tmp_path, world_size_on_resume=2, distributed_optimizer=True, fully_reshardable=True
-    )
-    reference = _by_step(reference_run["losses"])
-    for rank, resumed in enumerate(results):
-        assert resumed["start_iteration"] == SAVE_AT, rank
-        losses = _by_step(resumed["losses"])
-        assert sorted(losses) == list(range(SAVE_AT + 1, TRAIN_ITERS + 1)), rank
-        _assert_same_losses(losses, reference, atol=1e-5)
+    # process at step 3, resumed by two (data parallel 2). Loading it used to fail with KeyError: 'step' (section D).
+    run = run_config(inputs, tmp_path / "run", "trainer.eval_interval=null", "checkpoint.save_interval=null")
+    job = Job(run, "stopped", sigterm_at_iteration=SAVE_AT, fully_reshardable_optimizer=True)
+    (stopped,) = run_job(job_server, job)
+    assert stopped["exit_status"] == 75 and stopped["steps"] == SAVE_AT
+    results = run_job(job_server, Job(run, "resumed", world_size=2, fully_reshardable_optimizer=True))
+    assert [(r["resumed_from"], r["steps"]) for r in results] == [(SAVE_AT, TRAIN_ITERS)] * 2
+    # Data parallel 2 against 1 process: same math, another summation order.
+    assert_close_by_step(losses(tmp_path / "run", "loss"), reference_run["losses"], rtol=PINNED_RTOL,
+                         atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Two gloo processes
 # --------------------------------------------------------------------------------------------------------------
 
-PARALLEL_ITERS = 3
 
-
-@pytest.mark.parametrize(
-    "layout",
-    [
-        pytest.param({"distributed_optimizer": True}, id="data-parallel-2-distributed-optimizer"),
-        pytest.param({"tensor_parallel": 2, "sequence_parallel": True}, id="tensor-parallel-2-sequence-parallel"),
-    ],
-)
-def test_two_processes_match_the_one_process_run(reference_run, tmp_path, layout):
-    # Same global batch (4) and seed: data parallel splits it 2 + 2 and averages the gradients (the distributed
-    # optimizer shards Adam's state); tensor parallel shards every layer, sequence parallel the activations between.
-    # use_cpu_initialization draws the same full master weights in every layout.
-    spec = RunSpec(
-        directory=str(tmp_path),
-        train_iters=PARALLEL_ITERS,
-        save=False,
-        eval_interval=None,
-        import_bridge_before_runtime=layout.get("tensor_parallel", 1) > 1,
-        exercise_reporting=True,  # timers, norms and flags all-reduced / all-gathered over two ranks
-        **layout,
-    )
-    results = run_distributed(train_job, 2, spec, timeout=RUN_TIMEOUT)
-    reference = _by_step(reference_run["losses"])
+@pytest.mark.parametrize("layout", [pytest.param([], id="data-parallel-2-distributed-optimizer"),
+                                    pytest.param(["experiment=tiny_tp2"], id="tensor-parallel-2-sequence-parallel")])
+def test_two_processes_match_the_one_process_run(job_server, inputs, reference_run, tmp_path, layout):
+    # Same global batch (2) and seed. Data parallel: DP = 2 / (TP 1 * PP 1) = 2 ranks of one micro batch each,
+    # gradients averaged, Adam's state sharded by the distributed optimizer. Tensor parallel (conf/parallel/tp2):
+    # DP = 2 / (TP 2 * PP 1) = 1, every layer sharded over both ranks, sequence parallel between them. The weights
+    # are the checkpoint's in every layout. Every optional metric: timers, norms and flags reduced over two ranks.
+    run = run_config(inputs, tmp_path / "run", *layout, f"trainer.train_iters={PARALLEL_ITERS}",
+                     "trainer.eval_interval=null", "checkpoint.save_interval=null")
+    results = run_job(job_server, Job(run, "parallel", world_size=2, all_reporting=True,
+                          import_bridge_before_runtime=bool(layout)))
     for rank, result in enumerate(results):
+        assert result["exit_status"] == 0 and result["steps"] == PARALLEL_ITERS, (rank, result)
         assert result["patched"] == {"seed": True, "setup_initialize": True}, rank
-        losses = _by_step(result["losses"])
-        assert sorted(losses) == list(range(1, PARALLEL_ITERS + 1)), rank
-        _assert_same_losses(losses, reference, rtol=1e-5, atol=1e-5)
+    expected = {s: reference_run["losses"][s] for s in iterations(1, PARALLEL_ITERS)}
+    assert_close_by_step(losses(tmp_path / "run", "loss"), expected, rtol=PINNED_RTOL, atol=1e-5)

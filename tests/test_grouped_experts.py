@@ -19,7 +19,6 @@ import torch
 from gemma4vl.testing.distributed import run_distributed
 from gemma4vl.testing.fixtures import load_checkpoint_tensors
 from gemma4vl.testing.megatron_harness import forward_logits, load_megatron, synthetic_batch
-from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
 
 HIDDEN, WIDTH = 32, 24
 
@@ -125,11 +124,10 @@ def test_grouped_gemm_forward_matches_reference_on_cpu(megatron_cpu):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_parameters_are_the_checkpoint_expert_tensors(megatron_cpu, tmp_path_factory):
+def test_grouped_parameters_are_the_checkpoint_expert_tensors(single_process_reference):
     """fc1_weight[e] is gate_up_proj[e] (gate rows, then up rows), fc2_weight[e] is down_proj[e], bit for bit."""
-    info = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32")
-    source = load_checkpoint_tensors(info.path)
-    _, model = load_megatron(info.path)
+    hf_dir, model, _, _ = single_process_reference
+    source = load_checkpoint_tensors(hf_dir)
     layers = model[0].language_model.decoder.layers
     for i, layer in enumerate(layers):
         experts = layer.mlp.experts
@@ -169,21 +167,14 @@ def _expert_parallel_run(hf_dir, out_dir, ckpt_dir, parallel: dict):
 
 
 @pytest.fixture(scope="module")
-def reference(megatron_cpu, tmp_path_factory):
-    """Single-process logits, export and distributed checkpoint of the tiny fp32 checkpoint."""
+def reference(single_process_reference, tmp_path_factory):
+    """Single-process logits, export (conftest) and distributed checkpoint of the tiny fp32 checkpoint."""
     from megatron.core import dist_checkpointing
-    from transformers import AutoConfig
 
-    from gemma4vl.export import export_hf_checkpoint
-
-    info = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32")
-    bridge, model = load_megatron(info.path)
-    logits = forward_logits(model, synthetic_batch(AutoConfig.from_pretrained(info.path), seed=11))
-    out = tmp_path_factory.mktemp("reference") / "export"
-    export_hf_checkpoint(bridge, model, out)
+    hf_dir, model, logits, export = single_process_reference
     ckpt = tmp_path_factory.mktemp("reference_dist_ckpt")
     dist_checkpointing.save(model[0].sharded_state_dict(), str(ckpt))
-    return info.path, logits, load_checkpoint_tensors(out), ckpt
+    return hf_dir, logits, export, ckpt
 
 
 @pytest.mark.parametrize("parallel", [{"expert_model_parallel_size": 2}, {"expert_tensor_parallel_size": 2}],

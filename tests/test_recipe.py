@@ -13,22 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
+from gemma4vl.testing.pytest_fixtures import losses
 from gemma4vl.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_PREEMPTED = 75
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """The tiny checkpoint (fp32) and a small demo dataset, shared by the module's runs."""
-    from gemma4vl.data.demo import write_demo_dataset
-
-    ckpt = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32").path
-    data = tmp_path_factory.mktemp("demo-data")
-    write_demo_dataset(data, num_train=240, num_val=24, overwrite=True)
-    return ckpt, data
 
 
 def overrides(inputs, run_dir, steps, *extra):
@@ -72,11 +61,6 @@ def finish(proc, timeout=600):
 
 def run(args, timeout=600):
     return finish(start(args), timeout)
-
-
-def losses(run_dir):
-    """{step: loss} of the last record of each step."""
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def megatron_logits_from_checkpoint(hf_dir, ckpt_dir, batch):

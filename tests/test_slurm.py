@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
-from gemma4vl.training.metrics import read_metrics
+from gemma4vl.testing.distributed import free_port
+from gemma4vl.testing.pytest_fixtures import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = ROOT / "launch" / "slurm_local" / "slurm_local.sh"
@@ -43,12 +42,6 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 # Losses of the first steps of the 1-process run in tests/test_recipe.py (same inputs, same global batch): the
 # 2-rank job must compute the same ones. Steps 1-3 only: from step 4 on the LR depends on train_iters (8 there).
 PINNED = {1: 6.12452, 2: 6.14092, 3: 5.64748}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -87,7 +80,7 @@ class LocalSlurm:
     def sbatch(self, out: Path, *options: str, overrides=(), wait=False, timeout=600):
         """Submit launch/finetune.sh from the checkout (its submit directory), output to ``out``."""
         args = ["sbatch", *(["--wait"] if wait else ["--parsable"]), f"--output={out}", *options, LAUNCHER, *overrides]
-        return subprocess.run(args, env=self.env(MASTER_PORT=str(_free_port())), cwd=ROOT, capture_output=True,
+        return subprocess.run(args, env=self.env(MASTER_PORT=str(free_port())), cwd=ROOT, capture_output=True,
                               text=True, timeout=timeout)
 
     def submit(self, out: Path, *options: str, overrides=()) -> int:
@@ -164,17 +157,6 @@ def slurm():
         assert not left, f"daemons still running after stop: {left}"
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """The tiny checkpoint (fp32) and a small demo dataset, as tests/test_recipe.py uses them."""
-    from gemma4vl.data.demo import write_demo_dataset
-
-    ckpt = tiny_checkpoint(tmp_path_factory, layout="released", dtype="float32").path
-    data = tmp_path_factory.mktemp("slurm-demo-data")
-    write_demo_dataset(data, num_train=240, num_val=24, overwrite=True)
-    return ckpt, data
-
-
 def overrides(inputs, run_dir, *extra):
     ckpt, data = inputs
     return [f"hydra.run.dir={run_dir}", f"model.hf_path={ckpt}", f"data.path={data}",
@@ -182,10 +164,6 @@ def overrides(inputs, run_dir, *extra):
             f"trainer.train_iters={STEPS}", "trainer.global_batch_size=2", "trainer.log_interval=1",
             "trainer.eval_interval=null", "checkpoint.save_interval=100", "checkpoint.keep_last=null",
             "optim.warmup_iters=2", *extra]
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 @pytest.fixture(scope="module")

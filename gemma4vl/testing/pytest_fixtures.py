@@ -68,3 +68,11 @@ def tiny_ckpt(tmp_path_factory) -> CheckpointInfo:
 @pytest.fixture(scope="session")
 def tiny_ckpt_dir(tiny_ckpt) -> Path:
     return tiny_ckpt.path
+
+
+def losses(run_dir: str | Path, key: str = "loss") -> dict[int, float]:
+    """``{step: loss}`` of a run's ``metrics.jsonl`` (the last record of each step holding ``key``: ``"loss"``, or
+    ``"val_loss"`` for the validation losses)."""
+    from gemma4vl.training.metrics import read_metrics
+
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
