@@ -1,4 +1,4 @@
-"""Megatron-Bridge's training loop on the CPU backend (gemma4vl.runtime.cpu_backend / cpu_backend_bridge).
+"""Megatron-Bridge's training loop on the CPU backend (gemma4vl.runtime.cpu_backend / patches_bridge).
 
 The loop is driven as the project's recipe drives it (and as ``megatron.bridge.training.pretrain`` does, minus its
 nvidia-resiliency-ext import): ``runtime_config_update``, ``GlobalState``, ``setup.setup``, ``train.train``,
@@ -64,20 +64,20 @@ EXPECTED_EVAL_LOSSES = [4.494146347045898, 4.405272006988525, 4.149313926696777]
 
 
 def test_every_bridge_patch_is_documented():
-    from gemma4vl.runtime import cpu_backend, cpu_backend_bridge
+    from gemma4vl.runtime import cpu_backend, patches_bridge
 
-    doc = cpu_backend_bridge.__doc__
-    for patch in cpu_backend_bridge.PATCHES:
+    doc = patches_bridge.__doc__
+    for patch in patches_bridge.CPU.patches + patches_bridge.WITHOUT_TE.patches:
         module_path = patch.owner.split(":")[0].removeprefix("megatron.bridge.").replace(".", "/") + ".py"
         assert f"``{module_path}``" in doc, f"{module_path} is patched but not listed in the docstring"
         assert patch.attribute == "torch" or f"``{patch.attribute}``" in doc, patch
-    assert "cpu_backend_bridge" in cpu_backend.__doc__
+    assert "patches_bridge" in cpu_backend.__doc__
 
 
 def test_bridge_section_reads_no_environment_variable():
     import ast
 
-    path = Path(__file__).resolve().parents[1] / "gemma4vl/runtime/cpu_backend_bridge.py"
+    path = Path(__file__).resolve().parents[1] / "gemma4vl/runtime/patches_bridge.py"
     tree = ast.parse(path.read_text())
     names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     names |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
@@ -85,23 +85,23 @@ def test_bridge_section_reads_no_environment_variable():
 
 
 def test_unsupported_megatron_bridge_version_is_refused(monkeypatch):
-    from gemma4vl.runtime import cpu_backend, cpu_backend_bridge
+    from gemma4vl.runtime import patches_bridge, patching
 
-    assert cpu_backend_bridge.installed_version().startswith("0.6.")
-    monkeypatch.setattr(cpu_backend_bridge, "installed_version", lambda: "0.7.0")
-    with pytest.raises(cpu_backend.UnsupportedMegatronVersionError, match=r"0\.6\.x.*0\.7\.0"):
-        cpu_backend_bridge.prepare()
-    monkeypatch.setattr(cpu_backend_bridge, "installed_version", lambda: None)  # not installed: nothing to patch
-    assert cpu_backend_bridge.prepare()() is None
+    assert patching.installed_version("megatron-bridge").startswith("0.6.")
+    monkeypatch.setattr(patching, "installed_version", lambda distribution: "0.7.0")
+    with pytest.raises(patching.UnsupportedMegatronVersionError, match=r"megatron-bridge 0\.6\.x.*0\.7\.0"):
+        patching.check_version(patches_bridge.CPU)
+    monkeypatch.setattr(patching, "installed_version", lambda distribution: None)  # not installed: nothing to patch
+    assert patching.check_version(patches_bridge.CPU) is False
 
 
 def test_get_model_keeps_the_configs_cpu_initialization_and_refuses_without_it():
     from types import SimpleNamespace
 
-    from gemma4vl.runtime import cpu_backend_bridge
+    from gemma4vl.runtime import cpu_standins
 
     calls = []
-    get_model = cpu_backend_bridge._honour_cpu_initialization(lambda provider, **kwargs: calls.append(kwargs))
+    get_model = cpu_standins.honour_cpu_initialization(lambda provider, **kwargs: calls.append(kwargs))
     get_model(SimpleNamespace(use_cpu_initialization=True), use_cpu_initialization=False)
     assert calls == [{"use_cpu_initialization": True}]
     with pytest.raises(ValueError, match="set use_cpu_initialization=True in the model config"):
@@ -112,8 +112,7 @@ def test_modules_imported_later_are_patched_when_imported(tmp_path, monkeypatch)
     import importlib
     import sys
 
-    from gemma4vl.runtime import cpu_backend_bridge
-    from gemma4vl.runtime.cpu_backend import CallSitePatch
+    from gemma4vl.runtime.patching import CallSitePatch, PatchOnImport, PatchTable
 
     package = tmp_path / "late_package"
     package.mkdir()
@@ -122,8 +121,9 @@ def test_modules_imported_later_are_patched_when_imported(tmp_path, monkeypatch)
     (package / "user.py").write_text("from late_package.late import answer\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     replacement = lambda: 2  # noqa: E731
-    patches = {"late_package.late": [CallSitePatch("late_package.late", "answer", lambda _: replacement, "test")]}
-    finder = cpu_backend_bridge._PatchOnImport(patches)
+    patch = CallSitePatch("late_package.late", "answer", lambda _: replacement, "test")
+    table = PatchTable("test", "late-package", (0, 1), "tests/test_cpu_training_loop.py", (patch,), import_now=False)
+    finder = PatchOnImport({"late_package.late": [(table, patch)]})
     monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
     try:
         user = importlib.import_module("late_package.user")  # imports late_package.late, which gets patched first
@@ -276,7 +276,7 @@ def _config(spec: RunSpec):
     reporting = {}
     if spec.exercise_reporting:
         # The optional reporting paths of the loop, which touch CUDA in places of their own (section E of
-        # cpu_backend_bridge): timers at level 2 written to TensorBoard, throughput, memory, runtime, parameter and
+        # patches_bridge): timers at level 2 written to TensorBoard, throughput, memory, runtime, parameter and
         # gradient norms, zeros in the gradient, world size; a CUDA synchronize every step, emptying the cache, and
         # the wall-clock limit checked (and not reached) after every iteration and evaluation.
         reporting = dict(
@@ -313,7 +313,7 @@ def _config(spec: RunSpec):
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # CPU settings (see gemma4vl/runtime/cpu_backend_bridge.py): weights drawn on the CPU (Megatron-Bridge's
+        # CPU settings (see gemma4vl/runtime/patches_bridge.py): weights drawn on the CPU (Megatron-Bridge's
         # get_model otherwise moves the model to CUDA), no Apex gradient-accumulation fusion, and no
         # torch.compile'd cross-entropy fusion (inductor compiles it for the CPU: ~30 s for nothing).
         use_cpu_initialization=True,
@@ -454,11 +454,11 @@ def _patched_state() -> dict:
     import megatron.bridge.training.initialize as initialize
     import megatron.bridge.training.setup as setup_module
 
-    from gemma4vl.runtime import cpu_backend_bridge
+    from gemma4vl.runtime import cpu_standins, patching
 
     return {
-        "seed": initialize._set_random_seed is cpu_backend_bridge.set_random_seed,
-        "setup_initialize": getattr(setup_module.initialize_megatron, cpu_backend_bridge._MARK, False),
+        "seed": initialize._set_random_seed is cpu_standins.set_random_seed,
+        "setup_initialize": getattr(setup_module.initialize_megatron, patching.MARK, False),
     }
 
 
@@ -754,7 +754,7 @@ def _stop_then_resume(directory: Path, *, world_size_on_resume: int = 1, **spec_
 def test_distributed_optimizer_resumes_from_its_default_dp_reshardable_checkpoint(reference_run, tmp_path):
     # Megatron-Bridge writes the distributed optimizer's state as "dp_reshardable" unless
     # checkpoint.dist_ckpt_optim_fully_reshardable is set. Resuming it at iteration 3 used to continue with
-    # Adam step 1 (cpu_backend, section D); the losses of steps 5 and 6 showed it (4.4839 instead of 4.4572).
+    # Adam step 1 (patches_core, section D); the losses of steps 5 and 6 showed it (4.4839 instead of 4.4572).
     stopped, (resumed,) = _stop_then_resume(tmp_path, distributed_optimizer=True)
     reference = _by_step(reference_run["losses"])
     assert resumed["start_iteration"] == SAVE_AT
