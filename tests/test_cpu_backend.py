@@ -457,19 +457,6 @@ def test_dist_checkpoint_round_trip_resumes_exactly(megatron_cpu, tmp_path, dist
     torch.testing.assert_close(losses, EXPECTED_MOE_LOSSES[1:4], rtol=1e-6, atol=1e-6)
 
 
-def test_initialize_model_parallel_validates_sizes_with_arithmetic():
-    from gemma4vl.runtime.distributed import ParallelSizeError, check_parallel_sizes, describe_layout
-
-    with pytest.raises(ParallelSizeError, match=r"DP = world 3 / 2 = 1\.5 is not an integer"):
-        check_parallel_sizes(3, tensor_model_parallel_size=2)
-    with pytest.raises(ParallelSizeError, match=r"expert DP = world 2 / 4 = 0\.5"):
-        check_parallel_sizes(2, expert_model_parallel_size=4)
-    with pytest.raises(ParallelSizeError, match="positive integer"):
-        check_parallel_sizes(2, tensor_model_parallel_size=0)
-    layout = check_parallel_sizes(2, tensor_model_parallel_size=2)
-    assert describe_layout(layout).startswith("DP = world 2 / (TP 2 * PP 1 * CP 1) = 1")
-
-
 def _initialize_twice_then_check_teardown() -> list:
     """In a fresh process (torchrun variables set, no process group yet): init, destroy, init again, destroy."""
     from megatron.core import parallel_state
@@ -712,3 +699,34 @@ def test_same_training_on_cuda_matches_cpu_and_keeps_backend_inactive():
     [(backend_active, losses)] = run_distributed(_train_on_cuda, 1, backend=None, uses_cuda=True, timeout=300)
     assert backend_active is False
     torch.testing.assert_close(losses, EXPECTED_MOE_LOSSES, rtol=1e-4, atol=1e-4)
+
+
+def test_process_group_rules():
+    """runtime.distributed owns the default process group: one process without the torchrun variables gets an
+    in-memory store (no TCP port), some but not all of them is an error, an existing group's backend is checked,
+    and only a group it created is destroyed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch.distributed as dist\n"
+        "from gemma4vl.runtime import distributed\n"
+        "os.environ['MASTER_ADDR'] = '127.0.0.1'\n"
+        "try:\n    distributed.init_process_group('cpu')\nexcept RuntimeError as e:\n    print('partial:', e)\n"
+        "del os.environ['MASTER_ADDR']\n"
+        "distributed.init_process_group('cpu', 3)\n"
+        "store = dist.distributed_c10d._get_default_store().underlying_store  # under the PrefixStore\n"
+        "print('world:', dist.get_world_size(), dist.get_rank(), type(store).__name__)\n"
+        "try:\n    distributed.init_process_group('cuda')\nexcept RuntimeError as e:\n    print('backend:', e)\n"
+        "distributed.destroy_process_group()\n"
+        "print('after destroy:', dist.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "partial: incomplete torchrun environment: only MASTER_ADDR set",
+        "world: 1 0 HashStore",
+        "backend: torch.distributed is already initialised with backend 'gloo', but device='cuda' needs 'nccl'",
+        "after destroy: False",
+    ]

@@ -120,6 +120,7 @@ def test_gemma4vl_has_no_import_cycle():
         "gemma4vl.runtime.cpu_backend"
     ]
     assert "gemma4vl.runtime.cpu_standins" in graph["gemma4vl.runtime.patches_core"]
+    assert "gemma4vl.config.parallel" in graph["gemma4vl.runtime.distributed"]
     assert len(graph) > 60
     assert cycles(graph) == []
 

@@ -7,6 +7,7 @@ Every failure names the fields involved and spells out the arithmetic, e.g.
 from __future__ import annotations
 
 from gemma4vl.bridge.hf_config import Gemma4HFConfig
+from gemma4vl.config.parallel import ParallelSizeError, parallel_layout
 from gemma4vl.config.schema import RunConfig
 from gemma4vl.models.attention_kernels import ATTENTION_KERNELS
 
@@ -127,11 +128,13 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *, fused_adam:
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
-    model_parallel = p.tensor * p.pipeline * p.context
-    dp = world_size // model_parallel
-    if world_size % model_parallel:
-        errors.append(f"world size {world_size} is not divisible by parallel.tensor * parallel.pipeline * "
-                      f"parallel.context = {p.tensor} * {p.pipeline} * {p.context} = {model_parallel}")
+    try:  # TP / PP / CP / EP / ETP = parallel.tensor / pipeline / context / expert / expert_tensor
+        layout = parallel_layout(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context,
+                                 expert=p.expert, expert_tensor=p.expert_tensor)
+    except ParallelSizeError as e:
+        layout = None
+        errors.append(f"parallel.* on {world_size} processes: {e}")
+    dp = layout.data if layout is not None else 0
     if p.context != 1:
         errors.append(f"parallel.context={p.context}: Gemma 4's attention here supports context parallel 1 only")
     for name, spec in (("sliding", hf.arch.sliding), ("full-attention", hf.arch.full)):
@@ -144,9 +147,6 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *, fused_adam:
         errors.append(f"parallel.tensor={p.tensor} does not divide the vocabulary of {hf.vocab_size} tokens")
     if hf.num_experts % p.expert:
         errors.append(f"parallel.expert={p.expert} does not divide the {hf.num_experts} experts")
-    if world_size % (p.expert * p.expert_tensor * p.pipeline):
-        errors.append(f"world size {world_size} is not divisible by parallel.expert * parallel.expert_tensor * "
-                      f"parallel.pipeline = {p.expert} * {p.expert_tensor} * {p.pipeline}")
     stages = p.pipeline * (p.virtual_pipeline or 1)
     if hf.num_layers % stages:
         errors.append(f"{hf.num_layers} layers do not split into parallel.pipeline * parallel.virtual_pipeline = "
@@ -156,7 +156,7 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *, fused_adam:
     if p.tensor > 1 and not p.sequence_parallel:
         errors.append(f"parallel.tensor={p.tensor} with an MoE model needs parallel.sequence_parallel=true "
                       "(Megatron-Core's MoE layer requires it with tensor parallelism)")
-    if dp > 0 and t.global_batch_size % (t.micro_batch_size * dp):
+    if layout is not None and t.global_batch_size % (t.micro_batch_size * dp):
         errors.append(f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
                       f"trainer.micro_batch_size * DP = {t.micro_batch_size} * {dp} = {t.micro_batch_size * dp} "
                       f"(DP = world {world_size} / (TP {p.tensor} * PP {p.pipeline} * CP {p.context}))")
