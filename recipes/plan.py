@@ -25,6 +25,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from gemma4vl.bridge import read_hf_config
     from gemma4vl.config.memory import GIB, architecture_dir, plan_memory
+    from gemma4vl.config.parallel import ParallelSizeError
     from gemma4vl.config.validate import ConfigError, validate
 
     run = to_run_config(cfg)
@@ -32,7 +33,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit("parallel.world_size is not set: give the number of GPUs to plan for, e.g. parallel.world_size=8")
     world = run.parallel.world_size
     hf = read_hf_config(architecture_dir(run.model.hf_path))
-    plan = plan_memory(run, hf, world, fused_adam=True)
+    try:
+        plan = plan_memory(run, hf, world, fused_adam=True)
+    except ParallelSizeError as err:
+        sys.exit(f"parallel.* on parallel.world_size={world} GPUs: {err}")
     fallback = plan_memory(run, hf, world, fused_adam=False)
     plan.header.append(f"optimizer: a fused Adam (Transformer Engine or Apex) is assumed; torch's AdamW would add "
                        f"{(fallback.line('optimizer step').bytes - plan.line('optimizer step').bytes) / GIB:.2f} "

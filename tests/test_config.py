@@ -152,6 +152,8 @@ def test_target_outside_allowlist_is_refused():
      ["trainer.global_batch_size=5 is not divisible by trainer.micro_batch_size * DP = 1 * 2 = 2"]),
     (["parallel.tensor=2"], 2, ["needs parallel.sequence_parallel=true"]),
     (["parallel.pipeline=3"], 3, ["4 layers do not split into parallel.pipeline"]),
+    (["parallel.pipeline=2"], 3, ["parallel.* on 3 processes: world size 3 is not divisible by TP 1 * PP 2 * CP 1 = 2: "
+                                  "DP = world 3 / 2 = 1.5 is not an integer"]),
     (["trainer.precision=bf16"], 1, ["the CPU backend trains in fp32"]),
     (["trainer.device=tpu"], 1, ["trainer.device='tpu' is not one of ['cpu', 'cuda']"]),
     (["export.format=lora"], 1, ["export.format='lora' is not one of ['merged', 'adapter', 'both']"]),

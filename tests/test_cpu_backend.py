@@ -1,4 +1,5 @@
-"""The CPU backend (gemma4vl.runtime.cpu_backend), the model-parallel setup and the multi-process test launcher.
+"""The CPU backend (gemma4vl.runtime.cpu_backend, its Megatron-Core table patches_core), the model-parallel setup
+and the multi-process test launcher.
 
 The training tests use a tiny Megatron-Core GPTModel (2 layers, hidden 64, vocab 128) built with the local
 (non-Transformer-Engine) layer spec, wrapped in Megatron's DistributedDataParallel, with an optimizer from
@@ -188,15 +189,15 @@ def _in_world(device: str, fn, *, seed: int = SEED, **parallel_sizes):
 
 
 def test_setup_runtime_cpu_activates_once_and_is_idempotent():
-    from gemma4vl.runtime import cpu_backend, setup_runtime
+    from gemma4vl.runtime import cpu_backend, cpu_standins, setup_runtime
 
     setup_runtime("cpu")
     setup_runtime("cpu")
     assert cpu_backend.is_active()
     import megatron.core.tensor_parallel.random as mcore_random
 
-    assert isinstance(mcore_random.torch, cpu_backend._TorchOnCpu)
-    assert mcore_random._get_cuda_rng_state is cpu_backend._get_cpu_rng_state
+    assert isinstance(mcore_random.torch, cpu_standins.TorchOnCpu)
+    assert mcore_random._get_cuda_rng_state is cpu_standins.get_cpu_rng_state
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -219,18 +220,19 @@ def test_setup_runtime_rejects_unknown_devices(device):
 
 def _runtime_under_switch_like_environment() -> tuple:
     """In a fresh process whose environment holds plausible switches: does the backend behave as without them?"""
-    from gemma4vl.runtime import cpu_backend, setup_runtime
+    from gemma4vl.runtime import cpu_backend, cpu_standins, setup_runtime
 
     inactive_before = not cpu_backend.is_active()
     setup_runtime("cpu")
     import megatron.core.tensor_parallel.random as mcore_random
 
-    return inactive_before, cpu_backend.is_active(), isinstance(mcore_random.torch, cpu_backend._TorchOnCpu)
+    return inactive_before, cpu_backend.is_active(), isinstance(mcore_random.torch, cpu_standins.TorchOnCpu)
 
 
 def test_no_environment_variable_switches_the_backend(monkeypatch):
     # Statically: neither the backend nor setup_runtime reads the environment.
-    for path in (REPO / "gemma4vl/runtime/cpu_backend.py", REPO / "gemma4vl/runtime/__init__.py"):
+    backend = ("cpu_backend", "cpu_standins", "patching", "patches_core", "patches_bridge", "__init__")
+    for path in [REPO / f"gemma4vl/runtime/{name}.py" for name in backend]:
         tree = ast.parse(path.read_text())
         names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
         names |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
@@ -241,24 +243,113 @@ def test_no_environment_variable_switches_the_backend(monkeypatch):
     assert run_distributed(_runtime_under_switch_like_environment, 1, timeout=120) == [(True, True, True)]
 
 
+def _fake_module(monkeypatch, name: str, **attributes):
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    for key, value in attributes.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_patch_tables_apply_all_or_nothing(monkeypatch):
+    """One unresolvable patch: the error names it (and only it), and no target of any table was patched."""
+    import sys
+
+    from gemma4vl.runtime import patching
+    from gemma4vl.runtime.patching import CallSitePatch, PatchTable, replace_with
+
+    def original_f():
+        return "f"
+
+    class Holder:
+        def method(self):
+            return "method"
+
+    original_method = Holder.method
+    first = _fake_module(monkeypatch, "fake_core_a", f=original_f, flag=True)
+    second = _fake_module(monkeypatch, "fake_core_b", Holder=Holder)
+    monkeypatch.setattr(patching, "installed_version", lambda distribution: "0.19.2")
+    monkeypatch.setattr(patching, "_applied", set(patching._applied))  # these test tables are forgotten afterwards
+
+    def wrap(original):
+        return lambda *args: ("wrapped", original(*args))
+
+    table_1 = PatchTable("test table 1", "megatron-core", (0, 19), "tests/a.py", (
+        CallSitePatch("fake_core_a", "f", replace_with(lambda: "replaced"), "test"),
+        CallSitePatch("fake_core_a", "flag", replace_with(False), "test"),
+    ), import_now=True)
+    table_2 = PatchTable("test table 2", "megatron-core", (0, 19), "tests/b.py", (
+        CallSitePatch("fake_core_b:Holder", "method", wrap, "test"),
+        CallSitePatch("fake_core_b:Holder", "gone", wrap, "test"),
+        CallSitePatch("fake_core_b", "not_yet_imported_elsewhere", wrap, "test"),
+    ), import_now=False)
+    meta_path = list(sys.meta_path)
+    expected = (
+        r"nothing was patched\. Missing: fake_core_b:Holder\.gone \(megatron-core, listed in tests/b\.py\); "
+        r"fake_core_b\.not_yet_imported_elsewhere \(megatron-core, listed in tests/b\.py\)\. The patch table"
+    )
+    with pytest.raises(patching.UnsupportedMegatronVersionError, match=expected):
+        patching.activate(table_1, table_2)
+    assert first.f is original_f and first.flag is True and Holder.method is original_method
+    assert sys.meta_path == meta_path  # no import hook left behind
+    assert not {"test table 1", "test table 2"} & patching._applied
+
+    # Without the missing targets, every patch is applied, and once only.
+    table_2 = PatchTable("test table 2", "megatron-core", (0, 19), "tests/b.py", table_2.patches[:1], import_now=False)
+    patching.activate(table_1, table_2)
+    patching.activate(table_1, table_2)
+    assert first.f() == "replaced" and first.flag is False
+    assert second.Holder().method() == ("wrapped", "method")
+
+
+def test_a_wrapper_is_never_wrapped_twice(monkeypatch):
+    """A function patched where it is defined and where it was imported by name gets one wrapper."""
+    from gemma4vl.runtime import patching
+    from gemma4vl.runtime.patching import CallSitePatch, PatchTable
+
+    def original():
+        return 1
+
+    defining = _fake_module(monkeypatch, "fake_defining", g=original)
+    user = _fake_module(monkeypatch, "fake_user")
+    monkeypatch.setattr(patching, "installed_version", lambda distribution: "0.19.2")
+    monkeypatch.setattr(patching, "_applied", set(patching._applied))  # these test tables are forgotten afterwards
+
+    def wrap(function):
+        return lambda: function() + 10
+
+    table = PatchTable("test table 3", "megatron-core", (0, 19), "tests/c.py", (
+        CallSitePatch("fake_defining", "g", wrap, "test"),
+    ), import_now=True)
+    patching.activate(table)
+    user.g = defining.g  # "from fake_defining import g" after the patch
+    again = PatchTable("test table 4", "megatron-core", (0, 19), "tests/c.py", (
+        CallSitePatch("fake_user", "g", wrap, "imported by name"),
+    ), import_now=True)
+    patching.activate(again)
+    assert user.g is defining.g and user.g() == 11
+
+
 def test_megatron_core_version_is_checked(monkeypatch):
-    import megatron.core
+    from gemma4vl.runtime import patches_core, patching
 
-    from gemma4vl.runtime import cpu_backend
-
-    monkeypatch.setattr(megatron.core, "__version__", "0.20.0")
-    with pytest.raises(cpu_backend.UnsupportedMegatronVersionError, match=r"0\.19\.x.*0\.20\.0"):
-        cpu_backend._check_megatron_core_version()
+    assert patching.installed_version("megatron-core").startswith("0.19.")
+    monkeypatch.setattr(patching, "installed_version", lambda distribution: "0.20.0")
+    with pytest.raises(patching.UnsupportedMegatronVersionError, match=r"megatron-core 0\.19\.x.*0\.20\.0"):
+        patching.check_version(patches_core.CPU)
 
 
 def test_every_patch_is_documented_and_unknown_cuda_calls_fail_loudly():
     import megatron.core.utils
 
-    from gemma4vl.runtime import cpu_backend, setup_runtime
+    from gemma4vl.runtime import patches_core, setup_runtime
 
     setup_runtime("cpu")
-    doc = cpu_backend.__doc__
-    for patch in cpu_backend.PATCHES:
+    doc = patches_core.__doc__
+    for patch in patches_core.CPU.patches:
         module_path = patch.owner.split(":")[0].removeprefix("megatron.core.").replace(".", "/") + ".py"
         assert f"``{module_path}``" in doc, f"{module_path} is patched but not listed in the docstring"
         if patch.attribute != "torch":  # the module's own torch: the module is listed
@@ -314,7 +405,7 @@ def test_grad_clipping_really_clips_on_cpu(megatron_cpu):
 
 
 def test_grad_norm_replacement_matches_torch(megatron_cpu):
-    from gemma4vl.runtime.cpu_backend import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
+    from gemma4vl.runtime.cpu_standins import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 
     grads = [torch.tensor([3.0, -4.0]), torch.tensor([[12.0]])]
     assert get_grad_norm_fp32(grads) == pytest.approx(13.0)
@@ -369,19 +460,6 @@ def _checkpoint_round_trip(directory: str, distributed_optimizer: bool) -> list[
 def test_dist_checkpoint_round_trip_resumes_exactly(megatron_cpu, tmp_path, distributed_optimizer):
     losses = _checkpoint_round_trip(str(tmp_path), distributed_optimizer)
     torch.testing.assert_close(losses, EXPECTED_MOE_LOSSES[1:4], rtol=1e-6, atol=1e-6)
-
-
-def test_initialize_model_parallel_validates_sizes_with_arithmetic():
-    from gemma4vl.runtime.distributed import ParallelSizeError, check_parallel_sizes, describe_layout
-
-    with pytest.raises(ParallelSizeError, match=r"DP = world 3 / 2 = 1\.5 is not an integer"):
-        check_parallel_sizes(3, tensor_model_parallel_size=2)
-    with pytest.raises(ParallelSizeError, match=r"expert DP = world 2 / 4 = 0\.5"):
-        check_parallel_sizes(2, expert_model_parallel_size=4)
-    with pytest.raises(ParallelSizeError, match="positive integer"):
-        check_parallel_sizes(2, tensor_model_parallel_size=0)
-    layout = check_parallel_sizes(2, tensor_model_parallel_size=2)
-    assert describe_layout(layout).startswith("DP = world 2 / (TP 2 * PP 1 * CP 1) = 1")
 
 
 def _initialize_twice_then_check_teardown() -> list:
@@ -627,3 +705,34 @@ def test_same_training_on_cuda_matches_cpu_and_keeps_backend_inactive():
     [(backend_active, losses)] = run_distributed(_train_on_cuda, 1, backend=None, uses_cuda=True, timeout=300)
     assert backend_active is False
     torch.testing.assert_close(losses, EXPECTED_MOE_LOSSES, rtol=1e-4, atol=1e-4)
+
+
+def test_process_group_rules():
+    """runtime.distributed owns the default process group: one process without the torchrun variables gets an
+    in-memory store (no TCP port), some but not all of them is an error, an existing group's backend is checked,
+    and only a group it created is destroyed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch.distributed as dist\n"
+        "from gemma4vl.runtime import distributed\n"
+        "os.environ['MASTER_ADDR'] = '127.0.0.1'\n"
+        "try:\n    distributed.init_process_group('cpu')\nexcept RuntimeError as e:\n    print('partial:', e)\n"
+        "del os.environ['MASTER_ADDR']\n"
+        "distributed.init_process_group('cpu', 3)\n"
+        "store = dist.distributed_c10d._get_default_store().underlying_store  # under the PrefixStore\n"
+        "print('world:', dist.get_world_size(), dist.get_rank(), type(store).__name__)\n"
+        "try:\n    distributed.init_process_group('cuda')\nexcept RuntimeError as e:\n    print('backend:', e)\n"
+        "distributed.destroy_process_group()\n"
+        "print('after destroy:', dist.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "partial: incomplete torchrun environment: only MASTER_ADDR set",
+        "world: 1 0 HashStore",
+        "backend: torch.distributed is already initialised with backend 'gloo', but device='cuda' needs 'nccl'",
+        "after destroy: False",
+    ]

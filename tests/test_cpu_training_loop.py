@@ -4,7 +4,7 @@ Every job is the run ``python -m recipes.finetune <overrides>`` makes: the run c
 (``tests/test_config.py``'s ``compose_run``, then ``to_run_config``), the tiny random fp32 checkpoint and the demo
 data (the session's ``inputs`` fixture), ``finetune(run)`` building Megatron-Bridge's ``ConfigContainer`` with
 ``gemma4vl.config.container.build_config_container`` and training with ``gemma4vl.training.forward_step.ForwardStep``
-under the CPU backend (``gemma4vl.runtime.cpu_backend`` / ``cpu_backend_bridge``). Losses are read from the run's
+under the CPU backend (``gemma4vl.runtime.cpu_backend`` / ``patches_bridge``). Losses are read from the run's
 ``metrics.jsonl``, checkpoints and TensorBoard event files from its run directory.
 
 In the job process, and only there, the test adds to the production path (``finetune_job``):
@@ -78,20 +78,20 @@ PINNED_RTOL = 1e-5
 
 
 def test_every_bridge_patch_is_documented():
-    from gemma4vl.runtime import cpu_backend, cpu_backend_bridge
+    from gemma4vl.runtime import cpu_backend, patches_bridge
 
-    doc = cpu_backend_bridge.__doc__
-    for patch in cpu_backend_bridge.PATCHES:
+    doc = patches_bridge.__doc__
+    for patch in patches_bridge.CPU.patches + patches_bridge.WITHOUT_TE.patches:
         module_path = patch.owner.split(":")[0].removeprefix("megatron.bridge.").replace(".", "/") + ".py"
         assert f"``{module_path}``" in doc, f"{module_path} is patched but not listed in the docstring"
         assert patch.attribute == "torch" or f"``{patch.attribute}``" in doc, patch
-    assert "cpu_backend_bridge" in cpu_backend.__doc__
+    assert "patches_bridge" in cpu_backend.__doc__
 
 
 def test_bridge_section_reads_no_environment_variable():
     import ast
 
-    path = Path(__file__).resolve().parents[1] / "gemma4vl/runtime/cpu_backend_bridge.py"
+    path = Path(__file__).resolve().parents[1] / "gemma4vl/runtime/patches_bridge.py"
     tree = ast.parse(path.read_text())
     names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     names |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
@@ -99,23 +99,23 @@ def test_bridge_section_reads_no_environment_variable():
 
 
 def test_unsupported_megatron_bridge_version_is_refused(monkeypatch):
-    from gemma4vl.runtime import cpu_backend, cpu_backend_bridge
+    from gemma4vl.runtime import patches_bridge, patching
 
-    assert cpu_backend_bridge.installed_version().startswith("0.6.")
-    monkeypatch.setattr(cpu_backend_bridge, "installed_version", lambda: "0.7.0")
-    with pytest.raises(cpu_backend.UnsupportedMegatronVersionError, match=r"0\.6\.x.*0\.7\.0"):
-        cpu_backend_bridge.prepare()
-    monkeypatch.setattr(cpu_backend_bridge, "installed_version", lambda: None)  # not installed: nothing to patch
-    assert cpu_backend_bridge.prepare()() is None
+    assert patching.installed_version("megatron-bridge").startswith("0.6.")
+    monkeypatch.setattr(patching, "installed_version", lambda distribution: "0.7.0")
+    with pytest.raises(patching.UnsupportedMegatronVersionError, match=r"megatron-bridge 0\.6\.x.*0\.7\.0"):
+        patching.check_version(patches_bridge.CPU)
+    monkeypatch.setattr(patching, "installed_version", lambda distribution: None)  # not installed: nothing to patch
+    assert patching.check_version(patches_bridge.CPU) is False
 
 
 def test_get_model_keeps_the_configs_cpu_initialization_and_refuses_without_it():
     from types import SimpleNamespace
 
-    from gemma4vl.runtime import cpu_backend_bridge
+    from gemma4vl.runtime import cpu_standins
 
     calls = []
-    get_model = cpu_backend_bridge._honour_cpu_initialization(lambda provider, **kwargs: calls.append(kwargs))
+    get_model = cpu_standins.honour_cpu_initialization(lambda provider, **kwargs: calls.append(kwargs))
     get_model(SimpleNamespace(use_cpu_initialization=True), use_cpu_initialization=False)
     assert calls == [{"use_cpu_initialization": True}]
     with pytest.raises(ValueError, match="set use_cpu_initialization=True in the model config"):
@@ -126,8 +126,7 @@ def test_modules_imported_later_are_patched_when_imported(tmp_path, monkeypatch)
     import importlib
     import sys
 
-    from gemma4vl.runtime import cpu_backend_bridge
-    from gemma4vl.runtime.cpu_backend import CallSitePatch
+    from gemma4vl.runtime.patching import CallSitePatch, PatchOnImport, PatchTable
 
     package = tmp_path / "late_package"
     package.mkdir()
@@ -136,8 +135,9 @@ def test_modules_imported_later_are_patched_when_imported(tmp_path, monkeypatch)
     (package / "user.py").write_text("from late_package.late import answer\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     replacement = lambda: 2  # noqa: E731
-    patches = {"late_package.late": [CallSitePatch("late_package.late", "answer", lambda _: replacement, "test")]}
-    finder = cpu_backend_bridge._PatchOnImport(patches)
+    patch = CallSitePatch("late_package.late", "answer", lambda _: replacement, "test")
+    table = PatchTable("test", "late-package", (0, 1), "tests/test_cpu_training_loop.py", (patch,), import_now=False)
+    finder = PatchOnImport({"late_package.late": [(table, patch)]})
     monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
     try:
         user = importlib.import_module("late_package.user")  # imports late_package.late, which gets patched first
@@ -242,11 +242,11 @@ def _patched_state() -> dict:
     import megatron.bridge.training.initialize as initialize
     import megatron.bridge.training.setup as setup_module
 
-    from gemma4vl.runtime import cpu_backend_bridge
+    from gemma4vl.runtime import cpu_standins, patching
 
     return {
-        "seed": initialize._set_random_seed is cpu_backend_bridge.set_random_seed,
-        "setup_initialize": getattr(setup_module.initialize_megatron, cpu_backend_bridge._MARK, False),
+        "seed": initialize._set_random_seed is cpu_standins.set_random_seed,
+        "setup_initialize": getattr(setup_module.initialize_megatron, patching.MARK, False),
     }
 
 

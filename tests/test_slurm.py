@@ -420,7 +420,7 @@ def test_process_group_timeout_is_the_configured_one(tmp_path):
     """trainer.distributed_timeout_minutes reaches the default process group (and Megatron's groups through the
     ConfigContainer, see tests/test_config.py)."""
     code = ("import torch, torch.distributed as dist\n"
-            "from gemma4vl.training.finetune import init_process_group\n"
+            "from gemma4vl.runtime.distributed import init_process_group\n"
             "init_process_group('cpu', 7)\n"
             "print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -100,16 +100,10 @@ def configure_provider(provider, cfg: RunConfig) -> None:
 def _peft(cfg: RunConfig):
     if cfg.peft.method == "none":
         return None
-    import megatron.bridge.peft.utils as peft_utils
     from megatron.bridge.peft.lora import LoRA
 
-    from gemma4vl.runtime.te_shim import transformer_engine_installed
-
-    if not transformer_engine_installed():
-        # Megatron-Bridge decides HAVE_TE from names that Megatron-Core defines (as None) without Transformer
-        # Engine, then isinstance-checks against them; our layers are Megatron-Core's own linears.
-        peft_utils.HAVE_TE = False
-
+    # Without Transformer Engine, import_megatron_bridge (above) has set Megatron-Bridge's peft_utils.HAVE_TE to
+    # False (gemma4vl/runtime/patches_bridge.py, section H).
     return LoRA(target_modules=list(cfg.peft.target_modules), dim=cfg.peft.rank, alpha=cfg.peft.alpha,
                 dropout=cfg.peft.dropout)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemma4vl.bridge.hf_config import Gemma4HFConfig
+from gemma4vl.config.parallel import parallel_layout
 from gemma4vl.config.schema import RunConfig
 from gemma4vl.models.arch import FULL, SLIDING
 from gemma4vl.models.loss import LOSS_CHUNK_BYTES, loss_chunk_tokens
@@ -209,8 +210,8 @@ def plan_memory(cfg: RunConfig, hf: Gemma4HFConfig, world_size: int, *, fused_ad
     lora = cfg.peft.method == "lora"
     counts = count_parameters(hf, list(cfg.peft.target_modules) if lora else None, cfg.peft.rank)
     tp, pp, ep, etp = p.tensor, p.pipeline, p.expert, p.expert_tensor
-    dp = max(1, world_size // (tp * pp * p.context))
-    expert_dp = max(1, world_size // (ep * etp * pp))
+    layout = parallel_layout(world_size, tensor=tp, pipeline=pp, context=p.context, expert=ep, expert_tensor=etp)
+    dp, expert_dp = layout.data, layout.expert_data
 
     # Parameters on the worst rank: stage 0 holds embedding, vision and L/PP layers.
     layers_frac = 1 / pp

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gemma4vl.bridge.hf_config import Gemma4HFConfig
+from gemma4vl.config.parallel import ParallelSizeError, parallel_layout
 from gemma4vl.config.schema import RunConfig
 from gemma4vl.models.attention_kernels import ATTENTION_KERNELS
 
@@ -120,8 +121,8 @@ def _get(cfg: RunConfig, dotted: str):
 def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *,
              fused_adam: bool | None = None) -> ValidatedRun:
     """Check ``cfg`` for a run on ``world_size`` processes with the checkpoint described by ``hf``; raises
-    :class:`ConfigError` listing every problem, else returns what the run derives from its config. ``fused_adam``: whether the memory plan may count on a fused Adam (None:
-    whether Transformer Engine or Apex is installed here)."""
+    :class:`ConfigError` listing every problem, else returns what the run derives from its config. ``fused_adam``:
+    whether the memory plan may count on a fused Adam (None: whether Transformer Engine or Apex is installed here)."""
     errors: list[str] = []
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
@@ -145,11 +146,13 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *,
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
-    model_parallel = p.tensor * p.pipeline * p.context
-    dp = world_size // model_parallel
-    if world_size % model_parallel:
-        errors.append(f"world size {world_size} is not divisible by parallel.tensor * parallel.pipeline * "
-                      f"parallel.context = {p.tensor} * {p.pipeline} * {p.context} = {model_parallel}")
+    try:  # TP / PP / CP / EP / ETP = parallel.tensor / pipeline / context / expert / expert_tensor
+        layout = parallel_layout(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context,
+                                 expert=p.expert, expert_tensor=p.expert_tensor)
+    except ParallelSizeError as e:
+        layout = None
+        errors.append(f"parallel.* on {world_size} processes: {e}")
+    dp = layout.data if layout is not None else 0
     if p.context != 1:
         errors.append(f"parallel.context={p.context}: Gemma 4's attention here supports context parallel 1 only")
     for name, spec in (("sliding", hf.arch.sliding), ("full-attention", hf.arch.full)):
@@ -162,9 +165,6 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *,
         errors.append(f"parallel.tensor={p.tensor} does not divide the vocabulary of {hf.vocab_size} tokens")
     if hf.num_experts % p.expert:
         errors.append(f"parallel.expert={p.expert} does not divide the {hf.num_experts} experts")
-    if world_size % (p.expert * p.expert_tensor * p.pipeline):
-        errors.append(f"world size {world_size} is not divisible by parallel.expert * parallel.expert_tensor * "
-                      f"parallel.pipeline = {p.expert} * {p.expert_tensor} * {p.pipeline}")
     stages = p.pipeline * (p.virtual_pipeline or 1)
     if hf.num_layers % stages:
         errors.append(f"{hf.num_layers} layers do not split into parallel.pipeline * parallel.virtual_pipeline = "
@@ -174,7 +174,7 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *,
     if p.tensor > 1 and not p.sequence_parallel:
         errors.append(f"parallel.tensor={p.tensor} with an MoE model needs parallel.sequence_parallel=true "
                       "(Megatron-Core's MoE layer requires it with tensor parallelism)")
-    if dp > 0 and t.global_batch_size % (t.micro_batch_size * dp):
+    if layout is not None and t.global_batch_size % (t.micro_batch_size * dp):
         errors.append(f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
                       f"trainer.micro_batch_size * DP = {t.micro_batch_size} * {dp} = {t.micro_batch_size * dp} "
                       f"(DP = world {world_size} / (TP {p.tensor} * PP {p.pipeline} * CP {p.context}))")

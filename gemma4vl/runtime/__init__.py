@@ -1,8 +1,14 @@
 """Process-level runtime: making Megatron-Core / Megatron-Bridge importable and runnable on the configured device.
 
-- :mod:`gemma4vl.runtime.te_shim`: lets ``megatron.bridge`` import on a machine without Transformer Engine.
+- :mod:`gemma4vl.runtime.te_shim`: lets ``megatron.bridge`` import on a machine without Transformer Engine (and
+  :func:`import_megatron_bridge` applies the one Megatron-Bridge patch such a machine needs, ``patches_bridge``
+  section H).
 - :mod:`gemma4vl.runtime.cpu_backend`: the ``device: cpu`` backend (gloo, and the ``torch.cuda`` call sites of
-  Megatron-Core redirected to CPU). Activated only through :func:`setup_runtime` with ``device="cpu"``.
+  Megatron-Core and Megatron-Bridge redirected to CPU). Activated only through :func:`setup_runtime` with
+  ``device="cpu"``. Its tables are :mod:`~gemma4vl.runtime.patches_core` and :mod:`~gemma4vl.runtime.patches_bridge`,
+  the code they install :mod:`~gemma4vl.runtime.cpu_standins`, the machinery :mod:`~gemma4vl.runtime.patching`.
+- :mod:`gemma4vl.runtime.distributed`: ``torch.distributed`` and Megatron-Core's process groups, set up and torn
+  down in one place.
 """
 
 from gemma4vl.runtime.te_shim import install as _install_te_shim
@@ -11,8 +17,14 @@ DEVICES = ("cpu", "cuda")
 
 
 def import_megatron_bridge():
-    """Import and return the ``megatron.bridge`` package, installing the Transformer Engine import shim if needed."""
-    _install_te_shim()
+    """Import and return the ``megatron.bridge`` package, installing the Transformer Engine import shim if needed.
+
+    Without Transformer Engine (the shim is installed) it also applies ``patches_bridge.WITHOUT_TE``, on any device.
+    """
+    if _install_te_shim():
+        from gemma4vl.runtime import patches_bridge, patching
+
+        patching.activate(patches_bridge.WITHOUT_TE)
     import megatron.bridge
 
     return megatron.bridge

@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from gemma4vl.config.schema import RunConfig
 from gemma4vl.config.validate import ConfigError, ValidatedRun
 from gemma4vl.export.hf_export import recover_interrupted_export
 from gemma4vl.runtime import setup_runtime
+from gemma4vl.runtime.distributed import destroy_process_group, init_process_group
 from gemma4vl.training.metrics import MetricsLog
 from gemma4vl.training.preflight import (  # noqa: F401  (latest_checkpoint_step re-exported)
     check_data,
@@ -73,25 +73,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def init_process_group(device: str, timeout_minutes: int) -> None:
-    """The default process group, gloo on CPU, NCCL on GPUs: from torchrun's rendezvous variables when launched by
-    torchrun / srun, else a 1-process group over an in-memory store (no TCP port, so concurrent single-process
-    runs on one machine cannot collide). Collectives wait ``timeout_minutes`` for the other ranks
-    (``trainer.distributed_timeout_minutes``)."""
-    if dist.is_initialized():
-        return
-    if timeout_minutes < 1:
-        raise ValueError(f"trainer.distributed_timeout_minutes={timeout_minutes} must be >= 1")
-    backend = "gloo" if device == "cpu" else "nccl"
-    timeout = timedelta(minutes=timeout_minutes)
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "MASTER_ADDR" in os.environ:  # launched by torchrun or launch/finetune.sh (srun), which set the rendezvous
-        dist.init_process_group(backend=backend, timeout=timeout)
-    else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def resolve_hf_path(path: str) -> Path:
@@ -408,9 +389,8 @@ def _finish(trained: _Trained) -> None:
     if trained.metrics.wandb_run is not None:
         trained.metrics.wandb_run.finish()
     destroy_global_state()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    _barrier()
+    destroy_process_group()
 
 
 def main_exit_code(result: FinetuneResult) -> int:
