@@ -111,16 +111,16 @@ def test_megatron_sampler_shards_and_resumes(provider_cls, processor_dir, demo):
     for step in range(3):  # global batch of 4 rows: rank 0 takes rows 4k, 4k+1; rank 1 takes 4k+2, 4k+3
         for got, first in ((rank0[step], 4 * step), (rank1[step], 4 * step + 2)):
             want = expected(first)
-            assert set(got) == set(want)
-            for key in ("input_ids", "labels", "position_ids", "segment_ids", "mm_token_type_ids", "pixel_values"):
-                assert torch.equal(got[key], want[key]), (step, key)
+            assert got.rows == want.rows
+            for key, value in want.model_kwargs().items():
+                assert torch.equal(got.model_kwargs()[key], value), (step, key)
     resumed = batches(0, 8, n=1)[0]  # after 2 global batches
-    assert torch.equal(resumed["input_ids"], rank0[2]["input_ids"])
+    assert torch.equal(resumed.input_ids, rank0[2].input_ids)
     with_workers = batches(1, 0, workers=2)
     for a, b in zip(with_workers, rank1):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     first = valid.collate_fn([valid[0]])
-    assert first["input_ids"].shape == (1, 512) and first["pixel_values"].dtype == torch.float32
+    assert first.input_ids.shape == (1, 512) and first.pixel_values.dtype == torch.float32
 
 
 def _build_on_rank(processor_path: str, data_dir: str, cache_dir: str):

@@ -69,7 +69,8 @@ Python::
     batch = train.collate_fn([train[0], train[1]])           # Gemma4VLModel(**batch) -> per-token loss
 """
 
-from gemma4vl.data.collate import IGNORE_INDEX, MODEL_INPUTS, Collator, assemble_row
+from gemma4vl.data.batch import Batch, RowReport
+from gemma4vl.data.collate import Collator, assemble_row
 from gemma4vl.data.config import Gemma4VLDataConfig, load_processor
 from gemma4vl.data.dataset import Gemma4VLSFTDataset, RowPipeline
 from gemma4vl.data.encoding import ConversationEncoder, Encoded
@@ -80,9 +81,8 @@ from gemma4vl.data.plan import PackingPlan, build_plan, pack
 from gemma4vl.data.sources import RowReader, Source, load_source
 
 __all__ = [
-    "IGNORE_INDEX",
-    "MODEL_INPUTS",
     "REASONS",
+    "Batch",
     "BadRowError",
     "Collator",
     "Conversation",
@@ -95,6 +95,7 @@ __all__ = [
     "PackingPlan",
     "RowPipeline",
     "RowReader",
+    "RowReport",
     "Source",
     "assemble_row",
     "build_plan",
