@@ -1,6 +1,7 @@
 """The data group's one schema (fields documented, YAML keys == fields, values validated, Megatron-Bridge's
-dataloader fields among them) and its plumbing into Megatron-Bridge's ``DatasetProvider``: datasets sized for the run, deterministic sharding over data-parallel ranks by Megatron's own sampler,
-resume from ``consumed_samples``, and DataLoader workers giving the same batches as the main process."""
+dataloader fields among them) and its plumbing into Megatron-Bridge's ``DatasetProvider``: datasets sized for the
+run, deterministic sharding over data-parallel ranks by Megatron's own sampler, resume from ``consumed_samples``,
+and DataLoader workers giving the same batches as the main process."""
 
 from __future__ import annotations
 

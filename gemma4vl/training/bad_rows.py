@@ -4,9 +4,9 @@ to ``data.max_skipped_fraction`` together with the rows the length pass refused.
 The length pass (packing plan) reads every row, but an image whose header is valid and whose body is truncated
 only fails when it is decoded for training. The dataset skips such a row and reports it with the batch
 (:class:`~gemma4vl.data.batch.RowReport`: ``bad_rows``: row, reason, message; ``row_stats``: rows of the split,
-rows the length pass refused). The forward step hands each training batch's report to :class:`BadRowMonitor`; after every step :class:`BadRowCallback` sums the new
-ones over the data-parallel group, logs this rank's (the first ``log_limit``) and stops the run with an error
-naming the counts and the first rows once
+rows the length pass refused). The forward step hands each training batch's report to :class:`BadRowMonitor`;
+after every step :class:`BadRowCallback` sums the new ones over the data-parallel group, logs this rank's (the
+first ``log_limit``) and stops the run with an error naming the counts and the first rows once
 
     rows refused by the length pass + rows skipped while training > max_skipped_fraction * rows of the split.
 """
