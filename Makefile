@@ -7,7 +7,8 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.gemma4vl-installed
 REQS      := requirements/torch.txt requirements/base.txt requirements/no-deps.txt pyproject.toml
 PIP       := $(PY) -m pip --disable-pip-version-check
-PYTEST_ARGS ?=
+# --durations: the CI log names the 20 slowest tests, to keep the default run well under 30 minutes.
+PYTEST_ARGS ?= --durations=20
 
 .PHONY: demo test test-slow test-all env clean-venv
 

@@ -340,7 +340,7 @@ def test_config_attention_kernel_is_validated_and_reaches_the_provider(tiny_ckpt
         validate(flex_on_cpu, 1, hf)
     on_gpu = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, attention_kernel="flex",
                                                                   device="cuda", precision="bf16"))
-    assert validate(on_gpu, 1, hf) == 1
+    assert validate(on_gpu, 1, hf).data_parallel == 1
 
     from gemma4vl.bridge.provider import provider_from_hf_config
     from gemma4vl.config.container import configure_provider

@@ -76,6 +76,17 @@ def test_sizes_parse_in_both_unit_systems(text, expected):
     assert parse_size(text) == expected
 
 
+def test_validation_parses_the_shard_size_once_and_hands_the_config_on(hf_configs):  # noqa: F811
+    from gemma4vl.bridge import read_hf_config
+    from gemma4vl.config.compose import to_run_config
+
+    hf = read_hf_config(hf_configs["gemma4_tiny"])
+    checked = validate(to_run_config(compose_run(["export.max_shard_size=1.5GiB"])), 1, hf)
+    assert (checked.max_shard_bytes, checked.data_parallel, checked.hf) == (int(1.5 * 2**30), 1, hf)
+    assert validate(to_run_config(compose_run(["export.enabled=false", "export.max_shard_size=lots"])), 1,
+                    hf).max_shard_bytes is None  # not exported: not parsed, not refused
+
+
 def test_experiments_keep_their_own_name_and_optimizer():
     from gemma4vl.config.compose import to_run_config
 
@@ -177,12 +188,19 @@ def test_bad_row_monitor_counts_and_stops_at_the_ceiling(caplog):
 
 
 def test_metrics_log_is_strict_json_when_a_step_has_no_loss(tmp_path):
-    from gemma4vl.training.callbacks import ProgressCallback
+    from gemma4vl.training.metrics import MetricsLog
 
-    cb = ProgressCallback(tmp_path, 1, None, 2)
-    cb._write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    log = MetricsLog(tmp_path)
+    log.append({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    log.append({"step": 2, "loss": 2.5})
+    log.append({"step": 2, "export_max_logit_diff": 0.0})
     text = (tmp_path / "metrics.jsonl").read_text()
-    assert text == '{"step": 1, "loss": null, "grad_norm": null, "lr": 0.001}\n'
+    assert text == ('{"step": 1, "loss": null, "grad_norm": null, "lr": 0.001}\n{"step": 2, "loss": 2.5}\n'
+                    '{"step": 2, "export_max_logit_diff": 0.0}\n')
+    with pytest.raises(ValueError, match="needs an int 'step'"):
+        log.append({"export_max_logit_diff": 0.0})
+    log.truncate_after(1)  # a resume from step 1: later records (export checks included) go
+    assert log.read() == [{"step": 1, "loss": None, "grad_norm": None, "lr": 0.001}]
 
 
 # ------------------------------------------------------------------------------------------------ outputs / resume
@@ -272,10 +290,12 @@ def test_interrupted_export_leftovers_are_restored_or_removed(tmp_path):
     old = tmp_path / f".hf_export.old-{dead}"
     old.mkdir()
     (old / "config.json").write_text("{}")
+    (tmp_path / f".hf_export.unverified-{dead}").mkdir()  # recipes.export's staged copy, before verification
     alive = tmp_path / f".hf_export.partial-{os.getppid()}"  # a running process's export: left alone
     alive.mkdir()
     touched = recover_interrupted_export(out)
-    assert sorted(p.name for p in touched) == [f".hf_export.old-{dead}", f".hf_export.partial-{dead}"]
+    assert sorted(p.name for p in touched) == [f".hf_export.old-{dead}", f".hf_export.partial-{dead}",
+                                               f".hf_export.unverified-{dead}"]
     assert (out / "config.json").read_text() == "{}"  # the previous complete export is back
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hf_export.partial-" + str(os.getppid()), "hf_export"]
     (tmp_path / f".hf_export.old-{dead}").mkdir()  # with hf_export present the old copy is removed

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gemma4vl.bridge import CheckpointError, precheck_hf_checkpoint
+from gemma4vl.bridge import CheckpointError, precheck_hf_checkpoint, read_hf_config
+from gemma4vl.bridge.checkpoint import weight_files
 from gemma4vl.testing.megatron_harness import load_megatron
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_precheck_names_the_file(ckpt_copy, case, damage, mb_names):
     culprits = damage(ckpt_copy)
     before = snapshot(ckpt_copy)
     with pytest.raises(CheckpointError) as e:
-        precheck_hf_checkpoint(ckpt_copy, megatron_bridge_names=mb_names)
+        precheck_hf_checkpoint(read_hf_config(ckpt_copy), megatron_bridge_names=mb_names)
     for culprit in culprits:
         assert culprit in str(e.value), str(e.value)
     assert snapshot(ckpt_copy) == before
@@ -101,8 +102,9 @@ def test_precheck_names_the_file(ckpt_copy, case, damage, mb_names):
 
 def test_renamed_weights_pass_the_precheck_for_full_finetuning(ckpt_copy):
     renamed_for_peft(ckpt_copy)
-    cfg = precheck_hf_checkpoint(ckpt_copy)  # our reader: every *.safetensors
-    assert cfg.path == ckpt_copy / "config.json"
+    cfg = read_hf_config(ckpt_copy)
+    precheck_hf_checkpoint(cfg)  # our reader: every *.safetensors; raises on any problem
+    assert cfg.path == ckpt_copy / "config.json" and weight_files(ckpt_copy) == (None, ["weights.safetensors"])
 
 
 # ------------------------------------------------------------------ at import: non-finite values, unwritten params

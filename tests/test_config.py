@@ -80,7 +80,7 @@ def test_every_experiment_validates_and_builds_a_config_container(experiment, hf
     run = to_run_config(cfg)
     hf = read_hf_config(model_dir)
     # fused_adam: the GPU nodes' Adam, as recipes.plan assumes (this machine has neither TE nor Apex)
-    dp = validate(run, WORLD[parallel_option], hf, fused_adam=True)
+    dp = validate(run, WORLD[parallel_option], hf, fused_adam=True).data_parallel
     assert run.trainer.global_batch_size % (run.trainer.micro_batch_size * dp) == 0
 
     from megatron.bridge import AutoBridge

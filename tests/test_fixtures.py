@@ -238,7 +238,7 @@ def test_refuses_to_overwrite_a_checkpoint(tmp_path):
         (dict(variant="huge"), "unknown variant"),
         (dict(layout="flat"), "unknown layout"),
         (dict(dtype="float16"), "unsupported dtype"),
-        (dict(max_shard_size="lots"), "cannot parse max_shard_size"),
+        (dict(max_shard_size="lots"), "max_shard_size='lots': expected bytes or a size"),
         (dict(num_layers=1), "num_layers must be >= 2"),
         (dict(max_soft_tokens=64), "max_soft_tokens must be one of"),
     ],
@@ -448,7 +448,7 @@ def test_cli_writes_and_reports(tmp_path, capsys):
     [
         (["--variant", "big", "--out", "x"], "invalid choice: 'big'"),
         (["--out", "x", "--dtype", "int8"], "invalid choice: 'int8'"),
-        (["--out", "x", "--max-shard-size", "12 parsecs"], "cannot parse max_shard_size"),
+        (["--out", "x", "--max-shard-size", "12 parsecs"], "max_shard_size='12 parsecs': expected bytes or a size"),
         (["--out", "x", "--num-layers", "1"], "--num-layers must be >= 2"),
         (["--variant", "tiny-moe"], "the following arguments are required: --out"),
     ],

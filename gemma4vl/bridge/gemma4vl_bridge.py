@@ -73,14 +73,13 @@ def split_expert_slice(name: str) -> tuple[str, int | None]:
 _EXPORT_DEPENDENCIES = (PRE_FFN_NORM_2, ROUTER_SCALE, PRE_FFN_NORM)
 
 
-def precheck_hf_checkpoint(hf_dir, *, megatron_bridge_names: bool = False) -> Gemma4HFConfig:
-    """Everything about the checkpoint in ``hf_dir`` that can be checked without reading a weight or building
-    the model: config.json read strictly, the weight files found (:func:`~gemma4vl.bridge.checkpoint.weight_files`,
-    symlinks resolved), every shard header complete, and the tensor names and shapes exactly those the config
-    implies. ``megatron_bridge_names``: also require the file names that Megatron-Bridge's own import recognises
-    (PEFT loads the base weights through it). Raises :class:`CheckpointError` (or ``HFConfigError``) naming the
-    file / tensor; returns the config."""
-    cfg = read_hf_config(hf_dir)
+def precheck_hf_checkpoint(cfg: Gemma4HFConfig, *, megatron_bridge_names: bool = False) -> None:
+    """Everything about the checkpoint whose config.json ``cfg`` was read from (:func:`read_hf_config`, strict)
+    that can be checked without reading a weight or building the model: the config against transformers', the
+    weight files found (:func:`~gemma4vl.bridge.checkpoint.weight_files`, symlinks resolved), every shard header
+    complete, and the tensor names and shapes exactly those the config implies. ``megatron_bridge_names``: also
+    require the file names that Megatron-Bridge's own import recognises (PEFT loads the base weights through it).
+    Raises :class:`CheckpointError` (or ``HFConfigError``) naming the file / tensor."""
     check_against_transformers(cfg)
     expected, optional = expected_hf_shapes(cfg)
     check_tensors(scan_checkpoint(cfg.path.parent), expected, optional, where=str(cfg.path.parent))
@@ -88,7 +87,6 @@ def precheck_hf_checkpoint(hf_dir, *, megatron_bridge_names: bool = False) -> Ge
         problem = megatron_bridge_name_error(cfg.path.parent)
         if problem is not None:
             raise CheckpointError(problem)
-    return cfg
 
 
 def _is_fused(hf_name: str) -> bool:
@@ -136,7 +134,7 @@ class Gemma4VLBridge(Gemma4AdapterBridge, MegatronModelBridge):
     # ---------------------------------------------------------------- strictness
     def validate_checkpoint(self) -> None:
         """Check the checkpoint's safetensors headers against its config (no tensor data is read)."""
-        precheck_hf_checkpoint(self.gemma4_config().path.parent)
+        precheck_hf_checkpoint(self.gemma4_config())
 
     def build_conversion_tasks(self, hf_pretrained, megatron_model, weight_dtype=None):
         self.hf_pretrained = hf_pretrained

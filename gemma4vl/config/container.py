@@ -131,14 +131,10 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
                           # Megatron's default filter drops WARNINGs of *every* logger, ours included (bad rows
                           # skipped, interrupted exports restored): keep them.
                           filter_warnings=False)
-    if cfg.logger.backend == "tensorboard":
+    # wandb is ours, not Megatron-Bridge's: the run's metrics log writes to it (gemma4vl.training.metrics); with
+    # logger=wandb Megatron-Bridge still writes its TensorBoard events (throughput, timers, memory).
+    if cfg.logger.backend in ("tensorboard", "wandb"):
         logger.tensorboard_dir = str(run_dir / "tensorboard")
-    elif cfg.logger.backend == "wandb":
-        logger.tensorboard_dir = str(run_dir / "tensorboard")  # Megatron-Bridge logs wandb through its writer
-        logger.wandb_project = cfg.logger.project
-        logger.wandb_entity = cfg.logger.entity
-        logger.wandb_exp_name = cfg.name
-        logger.wandb_save_dir = str(run_dir)
     ckpt_dir = str(Path(cfg.checkpoint.dir))
     return ConfigContainer(
         rng=RNGConfig(seed=t.seed),

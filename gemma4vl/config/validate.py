@@ -6,6 +6,8 @@ Every failure names the fields involved and spells out the arithmetic, e.g.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from gemma4vl.bridge.hf_config import Gemma4HFConfig
 from gemma4vl.config.schema import RunConfig
 from gemma4vl.models.attention_kernels import ATTENTION_KERNELS
@@ -29,6 +31,21 @@ CHOICES = {
 
 class ConfigError(ValueError):
     """The composed configuration is inconsistent."""
+
+
+@dataclass(frozen=True)
+class ValidatedRun:
+    """What :func:`validate` derived from a run config and its checkpoint's config.json: each value computed once
+    here and passed down to the run (no later re-reading or re-parsing)."""
+
+    hf: Gemma4HFConfig
+    """The checkpoint's config.json, read strictly (:func:`gemma4vl.bridge.read_hf_config`)."""
+
+    data_parallel: int
+    """DP = world size / (TP * PP * CP)."""
+
+    max_shard_bytes: int | None
+    """``export.max_shard_size`` in bytes (:func:`parse_size`); None when ``export.enabled`` is false."""
 
 
 _SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
@@ -89,13 +106,7 @@ def _ranges(cfg: RunConfig) -> list[str]:
     if pf.method == "lora":
         checks += [("peft.rank", pf.rank, pf.rank >= 1, ">= 1"), ("peft.alpha", pf.alpha, pf.alpha > 0, "> 0"),
                    ("peft.dropout", pf.dropout, 0 <= pf.dropout < 1, "in [0, 1)")]
-    errors = [f"{key}={value} must be {allowed}" for key, value, ok, allowed in checks if not ok]
-    if cfg.export.enabled:
-        try:
-            parse_size(cfg.export.max_shard_size, "export.max_shard_size")
-        except ConfigError as e:
-            errors.append(str(e))
-    return errors
+    return [f"{key}={value} must be {allowed}" for key, value, ok, allowed in checks if not ok]
 
 
 def _get(cfg: RunConfig, dotted: str):
@@ -105,9 +116,10 @@ def _get(cfg: RunConfig, dotted: str):
     return value
 
 
-def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *, fused_adam: bool | None = None) -> int:
-    """Check ``cfg`` for a run on ``world_size`` processes with the checkpoint described by ``hf``.
-    Returns the data-parallel size. ``fused_adam``: whether the memory plan may count on a fused Adam (None:
+def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *,
+             fused_adam: bool | None = None) -> ValidatedRun:
+    """Check ``cfg`` for a run on ``world_size`` processes with the checkpoint described by ``hf``; raises
+    :class:`ConfigError` listing every problem, else returns what the run derives from its config. ``fused_adam``: whether the memory plan may count on a fused Adam (None:
     whether Transformer Engine or Apex is installed here)."""
     errors: list[str] = []
     for key, allowed in CHOICES.items():
@@ -115,6 +127,12 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *, fused_adam:
             errors.append(f"{key}={_get(cfg, key)!r} is not one of {list(allowed)}")
 
     errors += _ranges(cfg)
+    max_shard_bytes = None
+    if cfg.export.enabled:
+        try:
+            max_shard_bytes = parse_size(cfg.export.max_shard_size, "export.max_shard_size")
+        except ConfigError as e:
+            errors.append(str(e))
     if cfg.peft.method == "lora":
         from gemma4vl.bridge.adapters import routed_lora_problems
 
@@ -186,7 +204,7 @@ def validate(cfg: RunConfig, world_size: int, hf: Gemma4HFConfig, *, fused_adam:
         if plan.peak_bytes > plan.device_bytes:
             raise ConfigError(f"the layout does not fit trainer.device_memory_gib={t.device_memory_gib}: "
                               f"estimated {plan.peak_bytes / GIB:.1f} GiB per GPU\n{plan.render()}")
-    return dp
+    return ValidatedRun(hf=hf, data_parallel=dp, max_shard_bytes=max_shard_bytes)
 
 
 def _adapter_export_errors(cfg: RunConfig) -> list[str]:

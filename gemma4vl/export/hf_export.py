@@ -190,14 +190,15 @@ def _pid_alive(pid: int) -> bool:
 
 def recover_interrupted_export(out_dir: Path) -> list[Path]:
     """Clean up after an export that was killed (on this machine) before it finished: its partial directory
-    ``.<name>.partial-<pid>`` is removed, and a complete previous export that was moved aside
+    ``.<name>.partial-<pid>`` and an after-the-fact export's staged, not yet verified copy
+    ``.<name>.unverified-<pid>`` (``python -m recipes.export``) are removed, and a complete previous export that was moved aside
     (``.<name>.old-<pid>``) is moved back when ``out_dir`` is missing, else removed. Directories of a process that
     is still alive are left alone. Returns the directories removed or restored."""
     out_dir = Path(out_dir).expanduser().absolute()
     if not out_dir.parent.is_dir():
         return []
     touched = []
-    for kind in ("old", "partial"):
+    for kind in ("old", "partial", "unverified"):
         for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.{kind}-*")):
             pid = leftover.name.rsplit("-", 1)[1]
             if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):

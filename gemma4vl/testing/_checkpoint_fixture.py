@@ -344,25 +344,12 @@ def layer_scalar_map(specs: list[TensorSpec], seed: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_size(size: int | str | None) -> int | None:
-    """'2MB' -> 2_000_000, '1GiB' -> 2**30, 12345 -> 12345 (transformers' convention: KB/MB/GB are decimal)."""
-    if size is None:
-        return None
-    if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"max_shard_size must be positive, got {size}")
-        return size
-    m = _SIZE_RE.match(str(size))
-    if not m:
-        raise ValueError(f"cannot parse max_shard_size {size!r}; use e.g. 2MB, 500KB, 1GB, 1GiB or a byte count")
-    value = float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()]
-    if value < 1:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
-    return int(value)
+    """Bytes of a fixture's ``max_shard_size`` (None: one unsharded file), by the run config's own parser
+    (:func:`gemma4vl.config.validate.parse_size`: KB/MB/GB decimal, KiB/MiB/GiB binary, as transformers)."""
+    from gemma4vl.config.validate import parse_size as parse_config_size
+
+    return None if size is None else parse_config_size(size, "max_shard_size")
 
 
 def plan_shards(specs: list[TensorSpec], dtype: torch.dtype, max_bytes: int | None) -> list[list[TensorSpec]]:

@@ -1,8 +1,8 @@
 """Megatron-Bridge callbacks of a gemma4vl run: the progress line and the metrics history.
 
 Every step the last rank (which holds the loss) appends ``{"step", "loss", "grad_norm", "lr", "seconds",
-"real_tokens", "samples"}`` to ``<run_dir>/metrics.jsonl`` (validation results as ``{"step", "val_loss"}``);
-every ``log_interval`` steps it logs (logger ``gemma4vl.progress``, INFO: the console and Hydra's
+"real_tokens", "samples"}`` to the run's :class:`~gemma4vl.training.metrics.MetricsLog` (validation results as
+``{"step", "val_loss"}``); every ``log_interval`` steps it logs (logger ``gemma4vl.progress``, INFO: the console and Hydra's
 ``<run_dir>/finetune.log``)
 
     step 20/60 | loss 2.3141 | grad norm 1.92 | lr 8.6e-05 | 1843 real tok/s | 3.1 samples/s | ETA 0:01:12 | peak mem 41.2 GiB
@@ -16,18 +16,16 @@ on CPU).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
-from gemma4vl.training.metrics import read_metrics  # noqa: F401  (re-exported)
+from gemma4vl.training.metrics import MetricsLog
 
 logger = logging.getLogger("gemma4vl.progress")
 
@@ -50,8 +48,8 @@ def _scalar(value) -> float | None:
 class ProgressCallback(Callback):
     """Progress line and ``metrics.jsonl`` (see module docstring)."""
 
-    def __init__(self, run_dir: str | Path, log_interval: int, counter, total_steps: int):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, metrics: MetricsLog, log_interval: int, counter, total_steps: int):
+        self.metrics = metrics
         self.log_interval = log_interval
         self.counter = counter  # gemma4vl.training.forward_step.TokenCounter
         self.total_steps = total_steps
@@ -71,12 +69,6 @@ class ProgressCallback(Callback):
         dist.all_reduce(t, group=group)
         return int(t[0]), int(t[1])
 
-    def _write(self, record: dict) -> None:
-        # Strict JSON: a non-finite value (the loss of a step whose rows were all skipped) is written as null.
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
-
     def on_train_step_start(self, context: CallbackContext) -> None:
         self._last = time.perf_counter()
 
@@ -94,7 +86,7 @@ class ProgressCallback(Callback):
         record = {"step": step, "loss": loss, "grad_norm": _scalar(context.grad_norm), "lr": lr,
                   "seconds": seconds, "real_tokens": real_tokens, "samples": samples,
                   "skipped": bool(context.skipped_iter)}
-        self._write(record)
+        self.metrics.append(record)
         if step % self.log_interval == 0 or step == self.total_steps:
             mean = sum(self._durations) / len(self._durations)
             eta = timedelta(seconds=round(mean * (self.total_steps - step)))
@@ -112,23 +104,22 @@ class ProgressCallback(Callback):
             return
         val = _scalar((context.total_loss_dict or {}).get("lm loss"))
         step = context.state.train_state.step
-        self._write({"step": step, "val_loss": val})
+        self.metrics.append({"step": step, "val_loss": val})
         logger.info("validation at step %d: loss %s", step, "n/a" if val is None else f"{val:.4f}")
 
 
 
 class ValidationAnswersCallback(Callback):
     """After each evaluation: the model's greedy answers to a few validation questions (see
-    :mod:`gemma4vl.training.answers`), their exact-match accuracy in ``metrics.jsonl`` and on stdout, and a wandb
-    table of image / question / reference / answer when wandb is the logger."""
+    :mod:`gemma4vl.training.answers`), their exact-match accuracy in the metrics log and on stdout, and a wandb
+    table of image / question / reference / answer when the metrics log has a wandb run."""
 
-    def __init__(self, probes, tokenizer, image_token_id: int, run_dir: str | Path, log_table: bool):
+    def __init__(self, probes, tokenizer, image_token_id: int, metrics: MetricsLog):
         self.probes = probes
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<turn|>")}
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.log_table = log_table
+        self.metrics = metrics
 
     def on_eval_end(self, context: CallbackContext) -> None:
         from megatron.core.utils import unwrap_model
@@ -145,16 +136,14 @@ class ValidationAnswersCallback(Callback):
             return
         step = context.state.train_state.step
         correct = sum(a.lower() == p.reference.lower() for a, p in zip(answers, self.probes))
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "val_answer_accuracy": correct / len(self.probes),
-                                "val_answers": answers}) + "\n")
+        self.metrics.append({"step": step, "val_answer_accuracy": correct / len(self.probes), "val_answers": answers})
         shown = ", ".join(f"{p.reference!r}->{a!r}" for p, a in list(zip(self.probes, answers))[:4])
         print(f"validation answers at step {step}: {correct}/{len(self.probes)} exact ({shown}, ...)", flush=True)
-        wandb = context.state.wandb_logger if self.log_table else None
-        if wandb is not None:
+        if self.metrics.wandb_run is not None:
+            import wandb
+
             table = wandb.Table(columns=["step", "image", "question", "reference", "answer"])
             for p, a in zip(self.probes, answers):
                 image = wandb.Image(p.image.numpy()) if p.image is not None else None
                 table.add_data(step, image, p.question, p.reference, a)
-            wandb.log({"validation/answers": table, "validation/answer_accuracy": correct / len(self.probes)},
-                      step=step)
+            self.metrics.wandb_run.log({"validation/answers": table}, step=step)

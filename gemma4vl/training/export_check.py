@@ -7,13 +7,13 @@ reload needs the whole model in host memory, which suits the tiny and small mode
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from gemma4vl.training.answers import Probe
+from gemma4vl.training.metrics import MetricsLog
 
 
 @torch.no_grad()
@@ -40,11 +40,11 @@ def hf_logits(export_dir: str | Path, probe: Probe, image_token_id: int,
     return model(**probe.batch(image_token_id).hf_kwargs()).logits.float()
 
 
-def verify_export_logits(model, probe, image_token_id: int, export_dir, run_dir, atol: float,
-                         adapter_dir=None) -> float | None:
-    """Compare (see module docstring); rank 0 records ``{"export_max_logit_diff": ...}`` (with ``adapter_dir``:
-    ``adapter_max_logit_diff``, the PEFT adapter loaded onto the base checkpoint ``export_dir``) in metrics.jsonl
-    and raises if the difference exceeds ``atol``. Returns the difference on rank 0, None elsewhere."""
+def verify_export_logits(model, probe, image_token_id: int, export_dir, metrics: MetricsLog, step: int,
+                         atol: float, adapter_dir=None) -> float | None:
+    """Compare (see module docstring); rank 0 records ``{"step", "export_max_logit_diff", ...}`` (with
+    ``adapter_dir``: ``adapter_max_logit_diff``, the PEFT adapter loaded onto the base checkpoint ``export_dir``) in
+    ``metrics`` for the exported ``step`` and raises if the difference exceeds ``atol``. Returns the difference on rank 0, None elsewhere."""
     ours = megatron_logits(model, probe, image_token_id)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
@@ -52,8 +52,7 @@ def verify_export_logits(model, probe, image_token_id: int, export_dir, run_dir,
     diff = (ours - theirs).abs().max().item()
     kind, what = ("adapter", f"the PEFT adapter {adapter_dir} on {export_dir}") if adapter_dir else (
         "export", f"the export in {export_dir}")
-    with (Path(run_dir) / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({f"{kind}_max_logit_diff": diff, f"{kind}_logit_scale": theirs.abs().max().item()}) + "\n")
+    metrics.append({"step": step, f"{kind}_max_logit_diff": diff, f"{kind}_logit_scale": theirs.abs().max().item()})
     print(f"{kind} check: max |logit difference| between the trained model and {what}: {diff:.3g} "
           f"(tolerance {atol:g})", flush=True)
     if diff > atol:

@@ -183,6 +183,11 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, format: str |
     initialize_model_parallel(device, tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
                               expert_model_parallel_size=expert, seed=cfg.trainer.seed)
     writer = not dist.is_initialized() or dist.get_rank() == 0
+    if writer:
+        from gemma4vl.export.hf_export import recover_interrupted_export
+
+        for path in final.values():  # leftovers of an earlier export into the same place that was killed
+            recover_interrupted_export(path)
     try:
         auto_bridge, model, lora = load_model(cfg, hf_dir, iter_dir, device)
         if "merged" in staged:

@@ -26,9 +26,10 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from gemma4vl.config.schema import RunConfig
-from gemma4vl.config.validate import ConfigError
+from gemma4vl.config.validate import ConfigError, ValidatedRun
 from gemma4vl.export.hf_export import recover_interrupted_export
 from gemma4vl.runtime import setup_runtime
+from gemma4vl.training.metrics import MetricsLog
 from gemma4vl.training.preflight import (  # noqa: F401  (latest_checkpoint_step re-exported)
     check_data,
     check_outputs,
@@ -115,19 +116,6 @@ def resolve_hf_path(path: str) -> Path:
                           f"failed ({type(e).__name__}: {e})") from e
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics of steps after ``step``: all of them on a fresh start (0), those after the checkpoint on a
-    resume (they are recomputed), so the log holds each step once."""
-    from gemma4vl.training.metrics import read_metrics
-
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        import json
-
-        kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
 def _export_dtype(cfg: RunConfig) -> torch.dtype | None:
     return None if cfg.export.dtype == "source" else getattr(torch, cfg.export.dtype)
 
@@ -145,32 +133,44 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
         check_outputs(cfg)
     _barrier()
     hf_dir = resolve_hf_path(cfg.model.hf_path)
-    validate(cfg, world_size, read_hf_config(hf_dir))
-    precheck_hf_checkpoint(hf_dir, megatron_bridge_names=cfg.peft.method != "none")  # no weight read yet
+    checked = validate(cfg, world_size, read_hf_config(hf_dir))  # the one read of config.json, passed down
+    precheck_hf_checkpoint(checked.hf, megatron_bridge_names=cfg.peft.method != "none")  # no weight read yet
     check_outputs_apart_from_inputs(cfg, hf_dir)
     check_data(cfg.data)
     resumed_from = check_resume(cfg)
     if _rank() == 0:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-        _truncate_metrics(run_dir, resumed_from or 0)
+        MetricsLog(run_dir).truncate_after(resumed_from or 0)
         recover_interrupted_export(Path(cfg.export.dir))
         recover_interrupted_export(Path(cfg.export.adapter_dir))
         if resumed_from is not None:
             print(f"resuming from the checkpoint of step {resumed_from} in {cfg.checkpoint.dir}", flush=True)
     _barrier()
-    state, model, preempted = _train(cfg, hf_dir, resume=resumed_from is not None)
-    steps = state.train_state.step
+    trained = _train(cfg, checked, resume=resumed_from is not None)
+    steps, preempted = trained.state.train_state.step, trained.preempted
     export_dir = None
     if cfg.export.enabled and not preempted:
-        export_dir = _export(cfg, state, model)
-    _finish(state)
+        export_dir = _export(cfg, checked, trained)
+    _finish(trained)
     if preempted:
         print(f"stopped by a signal after step {steps}; checkpoint saved in {cfg.checkpoint.dir} "
               f"(exit status {EXIT_PREEMPTED}: rerun the same command to resume)", flush=True)
     return FinetuneResult(run_dir, steps, resumed_from, export_dir, preempted)
 
 
-def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
+@dataclass
+class _Trained:
+    """What ``_train`` hands to the export and the cleanup."""
+
+    state: object  # Megatron-Bridge's GlobalState
+    model: list  # the model chunks
+    auto_bridge: object  # the AutoBridge the model was imported through (and exports through)
+    checkpoint_manager: object  # Megatron-Bridge's, for finalising asynchronous saves
+    metrics: MetricsLog  # the run's metrics log (with its wandb run on the rank that logs to wandb)
+    preempted: bool  # a signal stopped the run after a checkpoint
+
+
+def _train(cfg: RunConfig, checked: ValidatedRun, resume: bool) -> _Trained:
     import gemma4vl.bridge  # noqa: F401  (registers the bridge)
     from megatron.bridge import AutoBridge
     from megatron.bridge.data.utils import get_dataset_provider
@@ -188,7 +188,7 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     from gemma4vl.runtime.log_noise import show_megatron_details
 
     show_megatron_details(cfg.logger.megatron_details)
-    auto_bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+    auto_bridge = AutoBridge.from_hf_pretrained(str(checked.hf.path.parent))
     container = build_config_container(cfg, auto_bridge, resume=resume)
     runtime_config_update(container)
     state = GlobalState()
@@ -196,22 +196,20 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
     # Before setup: a signal during setup is honoured, and the data-loader workers setup forks inherit the handler
     # (with the default action, the SIGUSR1 Slurm sends to every process of a step ended them, and the run).
     _translate_sigusr1()
-    state.auto_bridge = auto_bridge
-    if cfg.logger.backend == "wandb":
-        state._wandb_logger = init_wandb(cfg)
+    wandb_run = init_wandb(cfg) if cfg.logger.backend == "wandb" else None
     callbacks = CallbackManager()
     monitor = BadRowMonitor(cfg.data.max_skipped_fraction, cfg.data.bad_row_log_limit)
     callbacks.add(BadRowCallback(monitor))
     counter = TokenCounter()
-    callbacks.add(ProgressCallback(cfg.run_dir, cfg.trainer.log_interval, counter,
+    metrics = MetricsLog(cfg.run_dir, wandb_run)
+    callbacks.add(ProgressCallback(metrics, cfg.trainer.log_interval, counter,
                                    total_steps=cfg.trainer.train_iters))
-    answers = validation_answers_callback(cfg, hf_dir)
+    answers = validation_answers_callback(cfg, checked.hf.arch.image_token_id, metrics)
     if answers is not None:
         callbacks.add(answers)
     out = setup(state, get_dataset_provider(container.dataset), callback_manager=callbacks)
     _log_parameter_counts(cfg, out.model)
     state = out.state
-    state.checkpoint_manager = out.checkpoint_manager
     preempted = False
     try:
         train(ForwardStep(monitor, counter), out.model, out.optimizer, out.scheduler, out.train_data_iterator,
@@ -222,7 +220,7 @@ def _train(cfg: RunConfig, hf_dir: Path, resume: bool):
         if not (cfg.trainer.exit_on_signal and any(state.signal_handler.signals_received())):
             raise
         preempted = True
-    return state, out.model, preempted
+    return _Trained(state, out.model, auto_bridge, out.checkpoint_manager, metrics, preempted)
 
 
 def wandb_mode(mode: str, probe_timeout: float = 5.0) -> str:
@@ -258,8 +256,9 @@ def wandb_mode(mode: str, probe_timeout: float = 5.0) -> str:
 
 
 def init_wandb(cfg: RunConfig):
-    """Start the wandb run on the last rank (where Megatron-Bridge logs from) with an explicit mode and our own
-    resolved config; a resumed run continues the same wandb run (its id derives from the run directory)."""
+    """The wandb run the metrics log writes to (:class:`~gemma4vl.training.metrics.MetricsLog`), on the last rank
+    (which holds the loss; None on the others), with an explicit mode and our own resolved config; a resumed run
+    continues the same wandb run (its id derives from the run directory)."""
     if not dist.is_initialized() or dist.get_rank() != dist.get_world_size() - 1:
         return None
     import hashlib
@@ -267,13 +266,12 @@ def init_wandb(cfg: RunConfig):
     import wandb
 
     run_id = hashlib.sha1(str(Path(cfg.run_dir).resolve()).encode()).hexdigest()[:12]
-    wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, id=run_id, resume="allow",
-               dir=str(cfg.run_dir), mode=wandb_mode(cfg.logger.wandb_mode),
-               config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
-    return wandb
+    return wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name, id=run_id,
+                      resume="allow", dir=str(cfg.run_dir), mode=wandb_mode(cfg.logger.wandb_mode),
+                      config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 
 
-def validation_answers_callback(cfg: RunConfig, hf_dir: Path):
+def validation_answers_callback(cfg: RunConfig, image_token_id: int, metrics: MetricsLog):
     """The callback showing validation answers, or None (no evaluation, no samples asked, or pipeline parallel)."""
     from gemma4vl.data.config import load_processor
     from gemma4vl.training.answers import load_probes
@@ -288,11 +286,7 @@ def validation_answers_callback(cfg: RunConfig, hf_dir: Path):
     if not probes:
         return None
     processor = load_processor(cfg.data.processor_path)
-    from gemma4vl.bridge import read_hf_config
-
-    image_token_id = read_hf_config(hf_dir).arch.image_token_id
-    return ValidationAnswersCallback(probes, processor.tokenizer, image_token_id, cfg.run_dir,
-                                     log_table=cfg.logger.backend == "wandb")
+    return ValidationAnswersCallback(probes, processor.tokenizer, image_token_id, metrics)
 
 
 def _translate_sigusr1() -> None:
@@ -321,32 +315,31 @@ def model_card(cfg: RunConfig, steps: int) -> str:
             f"The license and usage terms of the base model apply.\n\n## Config\n\n```yaml\n{config}```\n")
 
 
-def _export(cfg: RunConfig, state, model) -> Path | None:
-    from gemma4vl.config.validate import parse_size
+def _export(cfg: RunConfig, checked: ValidatedRun, trained: _Trained) -> Path | None:
     from gemma4vl.export import export_hf_adapter, export_hf_checkpoint
 
     if cfg.export.format in ("merged", "both"):
-        report = export_hf_checkpoint(state.auto_bridge, model, cfg.export.dir, dtype=_export_dtype(cfg),
-                                      max_shard_bytes=parse_size(cfg.export.max_shard_size), overwrite=True,
-                                      model_card=model_card(cfg, state.train_state.step))
+        report = export_hf_checkpoint(trained.auto_bridge, trained.model, cfg.export.dir, dtype=_export_dtype(cfg),
+                                      max_shard_bytes=checked.max_shard_bytes, overwrite=True,
+                                      model_card=model_card(cfg, trained.state.train_state.step))
         if report is not None:
             print(f"exported {report.num_tensors} tensors ({report.num_bytes / 1e9:.2f} GB, {report.dtype}) to "
                   f"{report.path} in {report.seconds:.1f} s; verified", flush=True)
     if cfg.export.format in ("adapter", "both"):
-        adapter = export_hf_adapter(state.auto_bridge, model, cfg.export.adapter_dir, state.cfg.peft, overwrite=True)
+        adapter = export_hf_adapter(trained.auto_bridge, trained.model, cfg.export.adapter_dir, trained.state.cfg.peft,
+                                    overwrite=True)
         if adapter is not None:
             print(f"exported the LoRA adapter ({adapter.num_parameters:,} parameters on "
                   f"{len(adapter.target_modules)} modules) to {adapter.path} in {adapter.seconds:.1f} s; verified",
                   flush=True)
     if cfg.export.verify_logits:
-        _verify_export_logits(cfg, state.auto_bridge, model)
+        _verify_export_logits(cfg, checked, trained)
     return Path(cfg.export.adapter_dir if cfg.export.format == "adapter" else cfg.export.dir)
 
 
-def _verify_export_logits(cfg: RunConfig, auto_bridge, model) -> None:
+def _verify_export_logits(cfg: RunConfig, checked: ValidatedRun, trained: _Trained) -> None:
     from megatron.core.utils import unwrap_model
 
-    from gemma4vl.bridge import read_hf_config
     from gemma4vl.training.answers import load_probes
     from gemma4vl.training.export_check import verify_export_logits
 
@@ -355,35 +348,32 @@ def _verify_export_logits(cfg: RunConfig, auto_bridge, model) -> None:
     probes = load_probes(cfg.data, 1)
     if not probes:
         raise ValueError("export.verify_logits needs a validation split (data.validation_split)")
-    hf_dir = resolve_hf_path(cfg.model.hf_path)
-    image_token_id = read_hf_config(hf_dir).arch.image_token_id
+    hf_dir, image_token_id = checked.hf.path.parent, checked.hf.arch.image_token_id
+    metrics, step = trained.metrics, trained.state.train_state.step
     atol = 1e-4 if cfg.trainer.precision == "fp32" else None
-    chunk = unwrap_model(model)[0]
+    chunk = unwrap_model(trained.model)[0]
     if atol is None:  # bf16: relative to the logit range
         from gemma4vl.training.export_check import megatron_logits
 
         atol = 0.05 * megatron_logits(chunk, probes[0], image_token_id).abs().max().item()
     if cfg.export.format in ("merged", "both"):
-        verify_export_logits(chunk, probes[0], image_token_id, cfg.export.dir, cfg.run_dir, atol)
+        verify_export_logits(chunk, probes[0], image_token_id, cfg.export.dir, metrics, step, atol)
     if cfg.export.format in ("adapter", "both"):
-        _verify_base_unchanged(cfg, auto_bridge, model)
-        verify_export_logits(chunk, probes[0], image_token_id, hf_dir, cfg.run_dir, atol,
+        _verify_base_unchanged(cfg, trained.auto_bridge, trained.model, metrics, step)
+        verify_export_logits(chunk, probes[0], image_token_id, hf_dir, metrics, step, atol,
                              adapter_dir=cfg.export.adapter_dir)
 
 
-def _verify_base_unchanged(cfg: RunConfig, auto_bridge, model) -> None:
+def _verify_base_unchanged(cfg: RunConfig, auto_bridge, model, metrics: MetricsLog, step: int) -> None:
     """The adapter is loaded onto the source checkpoint: check the trained model's base weights are still its
-    tensors, bit for bit (recorded as ``adapter_base_tensors_identical`` in metrics.jsonl)."""
-    import json
-
+    tensors, bit for bit (recorded as ``adapter_base_tensors_identical`` in the metrics log)."""
     from gemma4vl.export.adapter_export import base_differences
 
     compared, differing = base_differences(auto_bridge, model)
     if _rank() != 0:
         return
-    with (Path(cfg.run_dir) / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"adapter_base_tensors_identical": compared - len(differing),
-                            "adapter_base_tensors_differing": differing[:20]}) + "\n")
+    metrics.append({"step": step, "adapter_base_tensors_identical": compared - len(differing),
+                    "adapter_base_tensors_differing": differing[:20]})
     print(f"adapter check: {compared - len(differing)} of {compared} base tensors equal the source checkpoint's, "
           "bit for bit", flush=True)
     if differing:
@@ -408,10 +398,16 @@ def _log_parameter_counts(cfg: RunConfig, model) -> None:
               flush=True)
 
 
-def _finish(state) -> None:
-    from megatron.bridge.training.train import _finish_train
+def _finish(trained: _Trained) -> None:
+    """What Megatron-Bridge's own ``pretrain`` does after training, through public calls (fault tolerance and the
+    straggler detector, which it also shuts down, are not used by gemma4vl): wait for asynchronous checkpoint
+    saves, close our wandb run, drop Megatron's global state; then the process group."""
+    from megatron.bridge.training.initialize import destroy_global_state
 
-    _finish_train(state, state.checkpoint_manager)
+    trained.checkpoint_manager.finalize_async_saves(state=trained.state, blocking=True, terminate=True)
+    if trained.metrics.wandb_run is not None:
+        trained.metrics.wandb_run.finish()
+    destroy_global_state()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
