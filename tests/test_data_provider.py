@@ -50,9 +50,9 @@ def test_every_field_has_a_docstring_and_the_loader_fields_are_megatron_bridges(
     assert own == _documented_fields(Gemma4VLDataConfig)
     loader = {f.name for f in dataclasses.fields(DataloaderConfig)}
     assert set(_LOADER_FIELDS) == loader and loader < own
-    # the run config's data group is this schema, and the provider adds only the schema object itself
+    # the run config's data group is this schema; the provider holds it and copies what Megatron-Bridge reads
     assert {f.name: f.type for f in dataclasses.fields(RunConfig)}["data"] == "Gemma4VLDataConfig"
-    assert {f.name for f in dataclasses.fields(provider_cls)} == loader | {"data"}
+    assert {f.name for f in dataclasses.fields(provider_cls)} == loader | {"data", "seq_length"}
 
 
 @pytest.mark.parametrize("name", ["demo", "local"])
@@ -63,7 +63,7 @@ def test_yaml_keys_are_exactly_the_fields(name, provider_cls, processor_dir, tmp
     conf.path = str(tmp_path)
     data = Gemma4VLDataConfig(**OmegaConf.to_container(conf, resolve=True))
     cfg = provider_cls.from_config(data)
-    assert cfg.data is data and cfg.data.format == "messages"
+    assert cfg.data is data and cfg.data.format == "messages" and cfg.seq_length == data.seq_length
     expected = {"demo": ("single", 2, False), "local": ("single", 4, True)}[name]
     assert (cfg.dataloader_type, cfg.num_workers, cfg.pin_memory) == expected == (
         data.dataloader_type, data.num_workers, data.pin_memory)

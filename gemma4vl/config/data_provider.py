@@ -6,8 +6,8 @@ rank, resumed from ``consumed_samples``) and a ``DataLoader`` that uses each dat
 :class:`~gemma4vl.data.batch.Batch` reaches our forward step untouched.
 
 The adapter holds the data group's schema (:class:`gemma4vl.data.config.Gemma4VLDataConfig`, where every key and
-its allowed values are defined) and copies its ``DataloaderConfig`` fields into the provider's own, which is how
-Megatron-Bridge reads them. Living in ``config/``, it keeps Megatron out of :mod:`gemma4vl.data`.
+its allowed values are defined) and copies its ``DataloaderConfig`` fields and ``seq_length`` into the provider's
+own, which is how Megatron-Bridge reads them. Living in ``config/``, it keeps Megatron out of :mod:`gemma4vl.data`.
 """
 
 from __future__ import annotations
@@ -30,12 +30,16 @@ class Gemma4VLDatasetProvider(DatasetProvider):
     data: Gemma4VLDataConfig
     """The data group; builds the datasets."""
 
+    seq_length: int
+    """``data.seq_length``, copied: Megatron-Bridge's training log reads ``ConfigContainer.dataset.seq_length``
+    (tokens per step for its throughput figures)."""
+
     @classmethod
     def from_config(cls, data: Gemma4VLDataConfig) -> Gemma4VLDatasetProvider:
         """The provider of ``data``: its ``DataloaderConfig`` fields (``dataloader_type``, ``num_workers``, ...)
         copied, the rest read from ``data`` when the datasets are built."""
         loader = {f.name: getattr(data, f.name) for f in dataclasses.fields(DataloaderConfig)}
-        return cls(data=data, **loader)
+        return cls(data=data, seq_length=data.seq_length, **loader)
 
     def build_datasets(self, context):
         """(train, validation or None, None) for Megatron-Bridge; ``context`` is a ``DatasetBuildContext``."""
