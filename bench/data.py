@@ -83,8 +83,8 @@ def measure_items(ds, n_items: int, workers: int) -> tuple[float, int, int]:
         samples = tokens = 0
         for i in range(n_items):
             batch = ds.collate_fn([ds[i]])
-            samples += int(batch["segment_ids"].max())
-            tokens += int((batch["segment_ids"] > 0).sum())
+            samples += int(batch.segment_ids.max())
+            tokens += int((batch.segment_ids > 0).sum())
         return time.perf_counter() - t0, samples, tokens
     loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=workers, collate_fn=ds.collate_fn,
                                          sampler=range(n_items), prefetch_factor=4, persistent_workers=False)
@@ -93,8 +93,8 @@ def measure_items(ds, n_items: int, workers: int) -> tuple[float, int, int]:
     t0 = time.perf_counter()
     samples = tokens = 0
     for batch in it:
-        samples += int(batch["segment_ids"].max())
-        tokens += int((batch["segment_ids"] > 0).sum())
+        samples += int(batch.segment_ids.max())
+        tokens += int((batch.segment_ids > 0).sum())
     del first
     return time.perf_counter() - t0, samples, tokens
 

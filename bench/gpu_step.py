@@ -207,7 +207,7 @@ def make_batch(hf_config, setup: Setup, seed: int = 0, seq: int | None = None, i
     """A packed batch for our model (``ours``) and transformers (``hf``): random text ids, image placeholders with
     boi / eoi around them, pixel values and patch positions, labels (next token within the sample, no loss on
     image tokens or across sample ends)."""
-    from gemma4vl.models import IGNORE_INDEX
+    from gemma4vl.labels import IGNORE_INDEX
 
     seq = setup.seq if seq is None else seq
     images = setup.images_per_row if images is None else images

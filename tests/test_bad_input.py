@@ -166,21 +166,22 @@ def test_overlong_error_policy_names_the_row(demo_rows, ckpt):
 
 # ------------------------------------------------------------------------------------------------ bad rows in training
 def test_bad_row_monitor_counts_and_stops_at_the_ceiling(caplog):
+    from gemma4vl.data.batch import RowReport
     from gemma4vl.training.bad_rows import BadRowMonitor, TooManyBadRows
 
     m = BadRowMonitor(max_skipped_fraction=0.1, log_limit=2)
     # 100 rows, 4 refused by the length pass: the ceiling is 10 rows, so 6 may fail while training.
-    m.record({"bad_rows": [(3, "corrupt_image", "row 3: corrupt_image: truncated")], "row_stats": (100, 4)})
-    m.record({"bad_rows": [(5, "corrupt_image", "row 5: corrupt_image: truncated")], "row_stats": (100, 4)})
+    m.record(RowReport(bad_rows=[(3, "corrupt_image", "row 3: corrupt_image: truncated")], row_stats=(100, 4)))
+    m.record(RowReport(bad_rows=[(5, "corrupt_image", "row 5: corrupt_image: truncated")], row_stats=(100, 4)))
     with caplog.at_level("WARNING", logger="gemma4vl.data"):
         m.step_end(1)
     assert m.total == 2 and [r.getMessage() for r in caplog.records] == [
         "step 1: skipping bad row: row 3: corrupt_image: truncated",
         "step 1: skipping bad row: row 5: corrupt_image: truncated"]
-    m.record({"bad_rows": [(i, "corrupt_image", f"row {i}") for i in (7, 8, 9, 10)], "row_stats": (100, 4)})
+    m.record(RowReport(bad_rows=[(i, "corrupt_image", f"row {i}") for i in (7, 8, 9, 10)], row_stats=(100, 4)))
     m.step_end(2)  # 4 + 6 = 10, not above 10
     assert m.total == 6
-    m.record({"bad_rows": [(11, "missing_image", "row 11")], "row_stats": (100, 4)})
+    m.record(RowReport(bad_rows=[(11, "missing_image", "row 11")], row_stats=(100, 4)))
     with pytest.raises(TooManyBadRows, match=r"step 3: 7 rows failed while training and 4 were refused by the "
                                              r"length pass, 11 of 100 rows > data.max_skipped_fraction=0.1"):
         m.step_end(3)

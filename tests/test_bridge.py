@@ -8,6 +8,7 @@
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -162,7 +163,7 @@ def _train(model, batch, steps=5, lr=2e-2):
     model[0].train()
     for _ in range(steps):
         opt.zero_grad()
-        loss = model[0](**batch.model_kwargs(), labels=labels).sum() / (labels != -100).sum()
+        loss = model[0](**replace(batch, labels=labels).model_kwargs()).sum() / (labels != -100).sum()
         loss.backward()
         opt.step()
         losses.append(loss.item())

@@ -112,7 +112,8 @@ def test_every_experiment_validates_and_builds_a_config_container(experiment, hf
     assert container.train.global_batch_size == run.trainer.global_batch_size
     assert container.optimizer.lr == run.optim.lr
     assert container.checkpoint.save == str(Path(run.run_dir) / "checkpoints")
-    assert container.dataset.seq_length == run.data.seq_length
+    assert container.dataset.data is run.data and container.dataset.seq_length == run.data.seq_length
+    assert container.dataset.dataloader_type == run.data.dataloader_type
     assert (container.peft is not None) == (run.peft.method == "lora")
     # Megatron's parallel groups wait as long as the default process group (a large save keeps ranks apart).
     assert container.dist.distributed_timeout_minutes == run.trainer.distributed_timeout_minutes == 90

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from gemma4vl.data import IGNORE_INDEX
+from gemma4vl.labels import IGNORE_INDEX
 from gemma4vl.data.sources import load_source
 from test_data_support import (
     A1, A2, config, data_uri, first_batch, images, llava_row, messages_row, png_bytes, processor_dir,
@@ -144,18 +144,18 @@ def test_format_and_source_read_identically(case, reference, processor_dir, tmp_
     processor, ref = reference
     path, overrides = CASES[case](tmp_path, images())
     batch = first_batch(config(processor_dir, path, thought_prefix="none", **overrides))
-    assert torch.equal(batch["input_ids"], ref["input_ids"])
-    assert torch.equal(batch["mm_token_type_ids"], ref["mm_token_type_ids"])
-    assert torch.equal(batch["pixel_values"], ref["pixel_values"])  # bit for bit
-    assert torch.equal(batch["image_position_ids"], ref["image_position_ids"])
-    assert torch.equal(batch["labels"][0], _expected_labels(processor, ref["input_ids"][0]))
-    assert tuple(batch["pixel_values"].shape) == (2, 280, 48)
+    assert torch.equal(batch.input_ids, ref["input_ids"])
+    assert torch.equal(batch.mm_token_type_ids, ref["mm_token_type_ids"])
+    assert torch.equal(batch.pixel_values, ref["pixel_values"])  # bit for bit
+    assert torch.equal(batch.image_position_ids, ref["image_position_ids"])
+    assert torch.equal(batch.labels[0], _expected_labels(processor, ref["input_ids"][0]))
+    assert tuple(batch.pixel_values.shape) == (2, 280, 48)
     # 40x32 is upscaled to 72x56 (18x14 patches -> 63 soft tokens); 64x64 stays (64)
-    assert int(batch["mm_token_type_ids"].sum()) == 63 + 64
-    labelled = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
+    assert int(batch.mm_token_type_ids.sum()) == 63 + 64
+    labelled = batch.labels[0][batch.labels[0] != IGNORE_INDEX]
     assert processor.tokenizer.decode(labelled) == f"{A1}<turn|>{A2}<turn|>"
-    assert torch.equal(batch["position_ids"][0], torch.arange(batch["input_ids"].shape[1]))
-    assert batch["segment_ids"].unique().tolist() == [1]
+    assert torch.equal(batch.position_ids[0], torch.arange(batch.input_ids.shape[1]))
+    assert batch.segment_ids.unique().tolist() == [1]
 
 
 def test_default_settings_agree_across_formats(processor_dir, tmp_path):
@@ -168,7 +168,7 @@ def test_default_settings_agree_across_formats(processor_dir, tmp_path):
         batches.append(first_batch(config(processor_dir, path, **overrides)))
     for other in batches[1:]:
         for key in ("input_ids", "labels", "pixel_values", "image_position_ids", "mm_token_type_ids"):
-            assert torch.equal(batches[0][key], other[key]), key
+            assert torch.equal(getattr(batches[0], key), getattr(other, key)), key
 
 
 @pytest.mark.parametrize("budget", [70, 140, 280])
@@ -183,17 +183,17 @@ def test_image_budget_is_configurable(processor_dir, tmp_path, budget):
                         {"role": "assistant", "content": "ok"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [row])
     batch = first_batch(config(processor_dir, path, max_soft_tokens=budget, cache_dir=str(tmp_path / f"c{budget}")))
-    n = int(batch["mm_token_type_ids"].sum())
+    n = int(batch.mm_token_type_ids.sum())
     assert n == {70: 64, 140: 121, 280: 256}[budget]
-    assert batch["pixel_values"].shape[1] == budget * 4
+    assert batch.pixel_values.shape[1] == budget * 4
 
 
 def test_text_only_row(processor_dir, tmp_path):
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
     batch = first_batch(config(processor_dir, write_jsonl(tmp_path / "t.jsonl", [row])))
-    assert batch["pixel_values"] is None and batch["image_position_ids"] is None
-    assert int(batch["mm_token_type_ids"].abs().sum()) == 0
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["segment_ids"].shape
+    assert batch.pixel_values is None and batch.image_position_ids is None
+    assert int(batch.mm_token_type_ids.abs().sum()) == 0
+    assert batch.input_ids.shape == batch.labels.shape == batch.segment_ids.shape
 
 
 def test_directory_splits_and_missing_paths(tmp_path):
@@ -233,5 +233,5 @@ def test_hub_name_goes_through_load_dataset(processor_dir, tmp_path, monkeypatch
                                               "cache_dir": str(tmp_path / "cache" / "hf_datasets")})]
     assert ds.plan.skipped() == {"missing_image": 1} and "no image directory (set image_root)" in ds.plan.examples[0]
     batch = ds.collate_fn([ds[0]])
-    assert torch.equal(batch["input_ids"], reference[1]["input_ids"])
-    assert torch.equal(batch["pixel_values"], reference[1]["pixel_values"])
+    assert torch.equal(batch.input_ids, reference[1]["input_ids"])
+    assert torch.equal(batch.pixel_values, reference[1]["pixel_values"])

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from transformers import AutoProcessor
 
-from gemma4vl.data import IGNORE_INDEX, BadRowError, ConversationEncoder, ImageLoader, image_settings, parse_row
+from gemma4vl.data import BadRowError, ConversationEncoder, ImageLoader, image_settings, parse_row
 from gemma4vl.data.collate import shifted_labels
 from gemma4vl.data.formats import resolve_spec
+from gemma4vl.labels import IGNORE_INDEX
 from test_data_support import A1, A2, Q1, Q2, SYSTEM, config, images, processor_dir, reference_messages, write_jsonl
 
 __all__ = ["processor_dir"]

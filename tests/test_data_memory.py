@@ -55,7 +55,7 @@ def iterate_and_measure(ds, every: int = 100) -> dict:
     rows = 0
     for i in range(len(ds)):
         batch = ds.collate_fn([ds[i]])
-        rows += int(batch["segment_ids"].max())
+        rows += int(batch.segment_ids.max())
         if i % every == 0:
             peak = max(peak, process.memory_info().rss)
     end = process.memory_info().rss

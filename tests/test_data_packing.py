@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from gemma4vl.data import IGNORE_INDEX, assemble_row, pack
+from gemma4vl.data import assemble_row, pack
 from gemma4vl.data.demo import write_demo_dataset
+from gemma4vl.labels import IGNORE_INDEX
 from test_data_support import config, images, processor_dir, reference_messages, write_jsonl
 
 __all__ = ["processor_dir"]
@@ -57,32 +58,31 @@ def test_packed_row_layout(packed_dataset):
     n_images = sum(len(e.images) for _, e in samples)
     assert len(item["images"]) == n_images
     batch = ds.collate_fn([ds[i] for i in range(len(ds))])
-    assert batch["input_ids"].shape == (len(ds), 400)
-    assert batch["pixel_values"].shape[0] == sum(len(e.images) for i in range(len(ds)) for _, e in ds.samples(i))
+    assert batch.input_ids.shape == (len(ds), 400)
+    assert batch.pixel_values.shape[0] == sum(len(e.images) for i in range(len(ds)) for _, e in ds.samples(i))
 
 
 def test_packed_batch_loss_equals_samples_run_alone(megatron_cpu, packed_dataset, processor_dir):
     """Per-token loss of every sample inside packed rows == its loss run alone (fp32, 1e-5)."""
     from gemma4vl.testing.megatron_harness import load_megatron
-    from gemma4vl.training.forward_step import MODEL_INPUTS
 
     ds = packed_dataset
     _, model = load_megatron(processor_dir)
     model[0].eval()
     batch = ds.collate_fn([ds[i] for i in range(len(ds))])
-    assert batch["bad_rows"] == [] and batch["row_stats"] == (ds.plan.num_rows, 0)
+    assert batch.rows.bad_rows == [] and batch.rows.row_stats == (ds.plan.num_rows, 0)
     with torch.no_grad():
-        packed = model[0](**{k: batch[k] for k in MODEL_INPUTS})
-    assert packed.shape == batch["input_ids"].shape
+        packed = model[0](**batch.model_kwargs())
+    assert packed.shape == batch.input_ids.shape
     checked = 0
     for i in range(len(ds)):
         offset = 0
         for _, enc in ds.samples(i):
             alone = ds.collate_fn([assemble_row([enc], ds.rows.encoder.image_token_id)])
             with torch.no_grad():
-                single = model[0](**{k: alone[k] for k in MODEL_INPUTS})[0, : len(enc)]
+                single = model[0](**alone.model_kwargs())[0, : len(enc)]
             inside = packed[i, offset: offset + len(enc)]
-            assert (single != 0).sum() == (alone["labels"] != IGNORE_INDEX).sum() > 0
+            assert (single != 0).sum() == (alone.labels != IGNORE_INDEX).sum() > 0
             torch.testing.assert_close(inside, single, rtol=0, atol=1e-5)
             offset += len(enc)
             checked += 1

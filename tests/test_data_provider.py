@@ -1,6 +1,7 @@
-"""Plumbing into Megatron-Bridge: the ``DatasetProvider`` config (fields documented, YAML keys == fields, values
-validated), datasets sized for the run, deterministic sharding over data-parallel ranks by Megatron's own sampler,
-resume from ``consumed_samples``, and DataLoader workers giving the same batches as the main process."""
+"""The data group's one schema (fields documented, YAML keys == fields, values validated, Megatron-Bridge's
+dataloader fields among them) and its plumbing into Megatron-Bridge's ``DatasetProvider``: datasets sized for the
+run, deterministic sharding over data-parallel ranks by Megatron's own sampler, resume from ``consumed_samples``,
+and DataLoader workers giving the same batches as the main process."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 @pytest.fixture(scope="module")
 def provider_cls():
-    from gemma4vl.data.provider import Gemma4VLDatasetConfig
+    from gemma4vl.config.data_provider import Gemma4VLDatasetProvider
 
-    return Gemma4VLDatasetConfig
+    return Gemma4VLDatasetProvider
 
 
 def _documented_fields(cls) -> set[str]:
@@ -39,30 +40,33 @@ def _documented_fields(cls) -> set[str]:
     return out
 
 
-def test_every_field_has_a_docstring(provider_cls):
+def test_every_field_has_a_docstring_and_the_loader_fields_are_megatron_bridges(provider_cls):
     from megatron.bridge.data.base import DataloaderConfig
 
+    from gemma4vl.config.schema import RunConfig
+    from gemma4vl.data.config import _LOADER_FIELDS
+
     own = {f.name for f in dataclasses.fields(Gemma4VLDataConfig)}
-    assert own <= _documented_fields(Gemma4VLDataConfig)
-    inherited = {f.name for f in dataclasses.fields(DataloaderConfig)}
-    assert inherited <= _documented_fields(DataloaderConfig) | _documented_fields(provider_cls)
-    assert {f.name for f in dataclasses.fields(provider_cls)} == own | inherited
+    assert own == _documented_fields(Gemma4VLDataConfig)
+    loader = {f.name for f in dataclasses.fields(DataloaderConfig)}
+    assert set(_LOADER_FIELDS) == loader and loader < own
+    # the run config's data group is this schema; the provider holds it and copies what Megatron-Bridge reads
+    assert {f.name: f.type for f in dataclasses.fields(RunConfig)}["data"] == "Gemma4VLDataConfig"
+    assert {f.name for f in dataclasses.fields(provider_cls)} == loader | {"data", "seq_length"}
 
 
 @pytest.mark.parametrize("name", ["demo", "local"])
 def test_yaml_keys_are_exactly_the_fields(name, provider_cls, processor_dir, tmp_path):
-    from gemma4vl.config.container import dataset_config
-    from gemma4vl.config.schema import DataConfig
-
     conf = OmegaConf.load(CONF / f"{name}.yaml")
-    # The recipe's data schema: the provider's fields plus the demo switch.
-    assert set(conf.keys()) == {f.name for f in dataclasses.fields(provider_cls)} | {"demo_dir"}
-    assert set(conf.keys()) == {f.name for f in dataclasses.fields(DataConfig)}
+    assert set(conf.keys()) == {f.name for f in dataclasses.fields(Gemma4VLDataConfig)}
     conf.processor_path = str(processor_dir)
     conf.path = str(tmp_path)
-    cfg = dataset_config(DataConfig(**OmegaConf.to_container(conf, resolve=True)))
-    assert isinstance(cfg, provider_cls)
-    assert cfg.dataloader_type == "single" and cfg.format == "messages"
+    data = Gemma4VLDataConfig(**OmegaConf.to_container(conf, resolve=True))
+    cfg = provider_cls.from_config(data)
+    assert cfg.data is data and cfg.data.format == "messages" and cfg.seq_length == data.seq_length
+    expected = {"demo": ("single", 2, False), "local": ("single", 4, True)}[name]
+    assert (cfg.dataloader_type, cfg.num_workers, cfg.pin_memory) == expected == (
+        data.dataloader_type, data.num_workers, data.pin_memory)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -71,6 +75,8 @@ def test_yaml_keys_are_exactly_the_fields(name, provider_cls, processor_dir, tmp
     ("max_soft_tokens", 100, r"data.max_soft_tokens must be one of \(70, 140, 280, 560, 1120\)"),
     ("seq_length", 0, "data.seq_length must be >= 1"),
     ("bad_rows", "ignore", "data.bad_rows must be one of"),
+    ("dataloader_type", "batch", r"data.dataloader_type must be one of \('single', 'cyclic'\)"),
+    ("num_workers", -1, "data.num_workers must be >= 0"),
     ("role_map", {"human": "person"}, "role_map values must be one of"),
 ])
 def test_invalid_values_are_refused(field, value, message):
@@ -91,8 +97,8 @@ def test_megatron_sampler_shards_and_resumes(provider_cls, processor_dir, demo):
     from megatron.bridge.data.base import DatasetBuildContext
     from megatron.bridge.data.samplers import build_pretraining_data_loader
 
-    cfg = provider_cls(processor_path=str(processor_dir), path=str(demo), validation_split="validation",
-                       seq_length=512, num_workers=0)
+    cfg = provider_cls.from_config(Gemma4VLDataConfig(processor_path=str(processor_dir), path=str(demo),
+                                                      validation_split="validation", seq_length=512, num_workers=0))
     train, valid, test = cfg.build_datasets(DatasetBuildContext(train_samples=100, valid_samples=12, test_samples=0))
     assert test is None and len(train) >= 100 and len(valid) >= 12
     assert len(train) % train.plan.num_bins == 0 and len(valid) % valid.plan.num_bins == 0
@@ -111,16 +117,16 @@ def test_megatron_sampler_shards_and_resumes(provider_cls, processor_dir, demo):
     for step in range(3):  # global batch of 4 rows: rank 0 takes rows 4k, 4k+1; rank 1 takes 4k+2, 4k+3
         for got, first in ((rank0[step], 4 * step), (rank1[step], 4 * step + 2)):
             want = expected(first)
-            assert set(got) == set(want)
-            for key in ("input_ids", "labels", "position_ids", "segment_ids", "mm_token_type_ids", "pixel_values"):
-                assert torch.equal(got[key], want[key]), (step, key)
+            assert got.rows == want.rows
+            for key, value in want.model_kwargs().items():
+                assert torch.equal(got.model_kwargs()[key], value), (step, key)
     resumed = batches(0, 8, n=1)[0]  # after 2 global batches
-    assert torch.equal(resumed["input_ids"], rank0[2]["input_ids"])
+    assert torch.equal(resumed.input_ids, rank0[2].input_ids)
     with_workers = batches(1, 0, workers=2)
     for a, b in zip(with_workers, rank1):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     first = valid.collate_fn([valid[0]])
-    assert first["input_ids"].shape == (1, 512) and first["pixel_values"].dtype == torch.float32
+    assert first.input_ids.shape == (1, 512) and first.pixel_values.dtype == torch.float32
 
 
 def _build_on_rank(processor_path: str, data_dir: str, cache_dir: str):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma4vl.data import Gemma4VLDataConfig
+from gemma4vl.data import Batch, Gemma4VLDataConfig
 from gemma4vl.testing.fixtures import make_image
 from gemma4vl.testing.pytest_fixtures import tiny_checkpoint
 
@@ -113,6 +113,6 @@ def config(processor_dir, path, **overrides) -> Gemma4VLDataConfig:
     return Gemma4VLDataConfig(**kwargs)
 
 
-def first_batch(cfg: Gemma4VLDataConfig, which: str = "train", index: int = 0) -> dict:
+def first_batch(cfg: Gemma4VLDataConfig, which: str = "train", index: int = 0) -> Batch:
     ds = cfg.build_split(which)
     return ds.collate_fn([ds[index]])

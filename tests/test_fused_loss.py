@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -201,7 +203,7 @@ def test_model_loss_and_gradients_equal_the_plain_path(megatron_cpu, tmp_path_fa
         (loss * weights).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    fused = model(**batch.model_kwargs(), labels=labels)
+    fused = model(**replace(batch, labels=labels).model_kwargs())
     fused_grads = grads(fused)
     logits = model(**batch.model_kwargs())  # [b, s, V], soft-capped
     ignored = labels == IGNORE

@@ -5,6 +5,7 @@ does not fit, and selective (MoE-block) recompute computes the same loss and gra
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def test_selective_moe_recompute_equals_no_recompute(megatron_cpu, tmp_path_fact
         model[0].train()
         layer = model[0].language_model.decoder.layers[0]
         assert layer.mlp.moe_layer_recompute == bool(extra)
-        loss = model[0](**batch.model_kwargs(), labels=labels)
+        loss = model[0](**replace(batch, labels=labels).model_kwargs())
         loss.sum().backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model[0].named_parameters()
                                         if p.grad is not None}))
@@ -193,7 +194,7 @@ def test_layer_activation_inventory_matches_the_bytes_autograd_saves(megatron_cp
         layer.register_forward_pre_hook(lambda module, args, i=i: current.__setitem__(0, i))
         layer.register_forward_hook(lambda module, args, out: current.__setitem__(0, None))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch.model_kwargs(), labels=torch.roll(batch.input_ids, -1, dims=1))
+        model(**replace(batch, labels=torch.roll(batch.input_ids, -1, dims=1)).model_kwargs())
     act_bytes = 2 if dtype == torch.bfloat16 else 4
     for i, layer_type in enumerate(hf.arch.layer_types):
         measured = sum(saved[i].values())

@@ -8,12 +8,11 @@ schedule, DDP, data, logging, checkpointing, distributed init and RNG.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from gemma4vl.config.schema import DataConfig, RunConfig
+from gemma4vl.config.schema import RunConfig
 from gemma4vl.runtime import import_megatron_bridge
 
 import_megatron_bridge()
@@ -32,15 +31,7 @@ from megatron.bridge.training.config import (  # noqa: E402
     ValidationConfig,
 )
 
-from gemma4vl.data.provider import Gemma4VLDatasetConfig  # noqa: E402
-
-_NOT_FOR_PROVIDER = {"demo_dir"}
-
-
-def dataset_config(data: DataConfig) -> Gemma4VLDatasetConfig:
-    """The data group as Megatron-Bridge's dataset provider."""
-    kwargs = {f.name: getattr(data, f.name) for f in fields(data) if f.name not in _NOT_FOR_PROVIDER}
-    return Gemma4VLDatasetConfig(**kwargs)
+from gemma4vl.config.data_provider import Gemma4VLDatasetProvider  # noqa: E402
 
 
 def _freeze_hook(cfg: RunConfig):
@@ -184,7 +175,7 @@ def build_config_container(cfg: RunConfig, auto_bridge, *, resume: bool) -> Conf
             overlap_param_gather=o.overlap_param_gather,
             check_for_nan_in_grad=True,
         ),
-        dataset=dataset_config(cfg.data),
+        dataset=Gemma4VLDatasetProvider.from_config(cfg.data),
         logger=logger,
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=provider.vocab_size),
         checkpoint=CheckpointConfig(

@@ -287,45 +287,6 @@ class ExportConfig:
     atomically)."""
 
 
-@dataclass(kw_only=True)
-class DataConfig(Gemma4VLDataConfig):
-    """The data group: the fields of :class:`gemma4vl.data.config.Gemma4VLDataConfig` (documented there), the
-    demo switch, and Megatron-Bridge's dataloader fields (``megatron.bridge.data.base.DataloaderConfig``). All but
-    ``demo_dir`` become :class:`gemma4vl.data.provider.Gemma4VLDatasetConfig`."""
-
-    demo_dir: str | None = None
-    """Where the recipe writes the synthetic demo VQA set (:mod:`gemma4vl.data.demo`) when ``path`` is this
-    directory and it does not exist yet (a fresh directory, written whole or not at all). None: never. The demo
-    group sets ``path: ${data.demo_dir}``; any other ``path`` is read as it is (an error when missing)."""
-
-    dataloader_type: str = "single"
-    """Megatron sampler: ``single`` (in order, sharded by data-parallel rank, resumable) or ``cyclic``."""
-
-    num_workers: int = 2
-    """DataLoader worker processes."""
-
-    data_sharding: bool = True
-    """Shard the data over data-parallel ranks."""
-
-    pin_memory: bool = False
-    """Pin batches in host memory (worth it on GPUs)."""
-
-    drop_last: bool = True
-    """Drop the last incomplete batch."""
-
-    persistent_workers: bool = True
-    """Keep DataLoader workers alive between epochs."""
-
-    trust_remote_code: bool | None = None
-    """Trust remote code of a hub dataset."""
-
-    dataloader_save: str | None = None
-    """Megatron-Bridge dataloader-state directory (Energon only; unused here)."""
-
-    dataloader_load: str | None = None
-    """Megatron-Bridge dataloader-state directory to load (Energon only; unused here)."""
-
-
 @dataclass
 class RunConfig:
     """A finetuning run: the composition of every group."""
@@ -343,8 +304,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """See :class:`ParallelConfig`."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    """See :class:`DataConfig`."""
+    data: Gemma4VLDataConfig = field(default_factory=Gemma4VLDataConfig)
+    """See :class:`gemma4vl.data.config.Gemma4VLDataConfig` (the data group's schema lives with the pipeline)."""
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     """See :class:`OptimConfig`."""

@@ -26,7 +26,6 @@ CHOICES = {
     "logger.wandb_mode": ("auto", "online", "offline"),
     "export.dtype": ("source", "bfloat16", "float32"),
     "export.format": ("merged", "adapter", "both"),
-    "data.dataloader_type": ("single", "cyclic"),
     "model.vision_attn_implementation": ("sdpa", "eager"),
 }
 

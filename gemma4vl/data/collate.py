@@ -10,10 +10,11 @@ A row holds one sample or several packed back to back. Per token:
   the same sample) where that token is an assistant target, else ``IGNORE_INDEX`` (-100). The last token of a
   sample has no label, so no sample is trained to predict its neighbour's first token.
 
-Batches (:class:`Collator`) stack rows into ``[b, s]`` tensors (int64) padded to ``seq_length`` (or to the longest
-row rounded up to ``pad_to_multiple_of``) and concatenate the images of the batch in row-major placeholder order
-into ``pixel_values`` [n, max_patches, 3*p*p] float32 / ``image_position_ids`` [n, max_patches, 2]; both are
-``None`` when the batch has no image.
+The :class:`Collator` stacks rows into a :class:`~gemma4vl.data.batch.Batch`: ``[b, s]`` tensors (int64) padded
+to ``seq_length`` (or to the longest row rounded up to ``pad_to_multiple_of``), the images of the batch
+concatenated in row-major placeholder order into ``pixel_values`` [n, max_patches, 3*p*p] float32 /
+``image_position_ids`` [n, max_patches, 2] (both ``None`` when the batch has no image), and the rows' bad-row
+report.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from gemma4vl.data.batch import Batch, RowReport
 from gemma4vl.data.encoding import Encoded
 from gemma4vl.data.images import ImageSettings, to_pixel_values
-
-IGNORE_INDEX = -100  # == gemma4vl.models.IGNORE_INDEX (not imported: the data package does not need Megatron)
-MODEL_INPUTS = ("input_ids", "position_ids", "segment_ids", "mm_token_type_ids", "pixel_values",
-                "image_position_ids", "labels")
+from gemma4vl.labels import IGNORE_INDEX
 
 
 def shifted_labels(enc: Encoded) -> np.ndarray:
@@ -62,7 +61,7 @@ def assemble_row(samples: Sequence[Encoded], image_token_id: int) -> dict:
 
 @dataclasses.dataclass
 class Collator:
-    """Rows -> the model's keyword inputs (see the module docstring)."""
+    """Rows -> a :class:`~gemma4vl.data.batch.Batch` (see the module docstring)."""
 
     settings: ImageSettings
     """Image settings (patch size, budget) that fix the pixel tensor layout."""
@@ -84,7 +83,7 @@ class Collator:
         m = max(self.pad_to_multiple_of, 1)
         return min(max(-(-longest // m) * m, m), max(self.seq_length, longest))
 
-    def __call__(self, rows: Sequence[dict]) -> dict:
+    def __call__(self, rows: Sequence[dict]) -> Batch:
         if not rows:
             raise ValueError("cannot collate an empty batch")
         b, s = len(rows), self.padded_length(max(int(r["input_ids"].shape[0]) for r in rows))
@@ -101,11 +100,10 @@ class Collator:
             for key in ("input_ids", "position_ids", "segment_ids", "mm_token_type_ids", "labels"):
                 out[key][i, :n] = row[key]
             images.extend(row["images"])
+        pixels = positions = None
         if images:
-            out["pixel_values"], out["image_position_ids"] = to_pixel_values(images, self.settings)
-        else:
-            out["pixel_values"] = out["image_position_ids"] = None
+            pixels, positions = to_pixel_values(images, self.settings)
         # Rows skipped while loading (bad_rows=skip) and the split's row counts, for the trainer's skip accounting.
-        out["bad_rows"] = [bad for row in rows for bad in row.get("bad_rows", ())]
-        out["row_stats"] = rows[0].get("row_stats")
-        return out
+        report = RowReport(bad_rows=[bad for row in rows for bad in row.get("bad_rows", ())],
+                           row_stats=rows[0].get("row_stats"))
+        return Batch(**out, pixel_values=pixels, image_position_ids=positions, rows=report)

@@ -1,7 +1,9 @@
-"""The data pipeline's configuration (:class:`Gemma4VLDataConfig`) and how it builds the training / validation
-datasets. Megatron-Bridge gets the same fields through :class:`gemma4vl.data.provider.Gemma4VLDatasetConfig`
-(a ``DatasetProvider``); this module does not import Megatron, so the pipeline, its tests and benchmarks do not
-need it.
+"""The data group's schema (:class:`Gemma4VLDataConfig`, the one definition of every ``data.*`` key and its allowed
+values) and how it builds the training / validation datasets.
+
+The Hydra config's ``data`` group is this dataclass (:class:`gemma4vl.config.schema.RunConfig`); Megatron-Bridge
+receives it wrapped in :class:`gemma4vl.config.data_provider.Gemma4VLDatasetProvider` (its ``DatasetProvider``).
+This module does not import Megatron, so the pipeline, its tests and benchmarks do not need it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from gemma4vl.data.sources import RowReader, load_source
 
 logger = logging.getLogger("gemma4vl.data")
 SPLITS = ("train", "validation")
+DATALOADER_TYPES = ("single", "cyclic")
+"""Megatron-Bridge samplers that serve our map-style datasets (its "batch" sampler expects GPT-style ``tokens``
+batches and "external" brings its own loader, so neither applies)."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,9 +50,17 @@ def processor_fingerprint(processor, settings) -> str:
     return h.hexdigest()[:16]
 
 
+_LOADER_FIELDS = ("dataloader_type", "num_workers", "data_sharding", "pin_memory", "drop_last", "persistent_workers",
+                  "trust_remote_code", "dataloader_save", "dataloader_load")
+"""The fields below that Megatron-Bridge's ``DataloaderConfig`` also has (they do not change the packing plan)."""
+
+
 @dataclasses.dataclass(kw_only=True)
 class Gemma4VLDataConfig:
-    """Gemma 4 VL SFT data (see :mod:`gemma4vl.data` for the whole pipeline)."""
+    """Gemma 4 VL SFT data: the ``data`` group of the run config (``conf/data/*.yaml`` hold exactly these keys) and
+    the pipeline's own configuration (see :mod:`gemma4vl.data` for the pipeline). The last group of fields are
+    Megatron-Bridge's ``DataloaderConfig`` fields, handed to it by
+    :class:`gemma4vl.config.data_provider.Gemma4VLDatasetProvider`."""
 
     processor_path: str | None = None
     """Directory (or hub name) of the Gemma 4 processor: tokenizer, chat template, image processor. Usually the
@@ -104,8 +117,9 @@ class Gemma4VLDataConfig:
     seq_length: int = 4096
     """Tokens per training row (sequence length)."""
     overlong: str = "truncate_turns"
-    """Rows longer than ``seq_length``: "drop", "truncate_turns" (drop trailing whole turns, keep >= 1 answer) or
-    "truncate_tokens" (cut tokens, never inside an image). Counted in the plan summary."""
+    """Rows longer than ``seq_length``: "drop", "truncate_turns" (drop trailing whole turns, keep >= 1 answer),
+    "truncate_tokens" (cut tokens, never inside an image) or "error" (raise naming the row). Counted in the plan
+    summary."""
     packing: bool = True
     """Pack several conversations into each row (attention and positions stay per conversation)."""
     packing_window: int = 1000
@@ -140,10 +154,36 @@ class Gemma4VLDataConfig:
     the ``datasets`` cache for hub data."""
     plan_num_proc: int = 1
     """Processes for the length pass (computed once per data / settings, then cached)."""
+    demo_dir: str | None = None
+    """Where the recipe writes the synthetic demo VQA set (:mod:`gemma4vl.data.demo`) when ``path`` is this
+    directory and it does not exist yet (a fresh directory, written whole or not at all). None: never. The demo
+    group sets ``path: ${data.demo_dir}``; any other ``path`` is read as it is (an error when missing)."""
+
+    # Megatron-Bridge's DataloaderConfig fields (megatron.bridge.data.base.DataloaderConfig).
+    dataloader_type: str = "single"
+    """Megatron sampler (:data:`DATALOADER_TYPES`): ``single`` walks the dataset in order (the dataset itself
+    shuffles, per epoch, seeded), sharded by data-parallel rank and resumable from ``consumed_samples``;
+    ``cyclic`` draws a random order per epoch."""
+    num_workers: int = 2
+    """DataLoader worker processes (decoding and encoding run there); 0: in the training process."""
+    data_sharding: bool = True
+    """Shard the data over data-parallel ranks."""
+    pin_memory: bool = False
+    """Pin batches in host memory (worth it on GPUs)."""
+    drop_last: bool = True
+    """Drop the last incomplete batch."""
+    persistent_workers: bool = True
+    """Keep DataLoader workers alive between epochs (off when ``num_workers`` is 0)."""
+    trust_remote_code: bool | None = None
+    """Trust remote code of a hub dataset."""
+    dataloader_save: str | None = None
+    """Megatron-Bridge dataloader-state directory (Energon only; unused here)."""
+    dataloader_load: str | None = None
+    """Megatron-Bridge dataloader-state directory to load (Energon only; unused here)."""
 
     def __post_init__(self) -> None:
         choices = {"format": FORMATS, "thought_prefix": THOUGHT_PREFIXES, "train_on": TRAIN_ON,
-                   "overlong": OVERLONG, "bad_rows": ("error", "skip")}
+                   "overlong": OVERLONG, "bad_rows": ("error", "skip"), "dataloader_type": DATALOADER_TYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"data.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -154,6 +194,8 @@ class Gemma4VLDataConfig:
                      "plan_num_proc", "bad_row_log_limit"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.num_workers) < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ValueError(f"data.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
         resolve_spec(self.format, self.messages_column, self.images_column, self.system_column, self.role_map)
@@ -206,7 +248,8 @@ class Gemma4VLDataConfig:
             base = Path(datasets.config.HF_DATASETS_CACHE) / "gemma4vl_plans"
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Gemma4VLDataConfig)}
         for irrelevant in ("processor_path", "path", "validation_path", "cache_dir", "plan_num_proc",
-                           "pad_to_seq_length", "pad_to_multiple_of", "bad_row_log_limit"):
+                           "pad_to_seq_length", "pad_to_multiple_of", "bad_row_log_limit", "demo_dir",
+                           *_LOADER_FIELDS):
             fields.pop(irrelevant)
         key = plan_key({"source": source.fingerprint, "processor": processor_settings_fp, "config": fields})
         try:

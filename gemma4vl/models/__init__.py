@@ -2,7 +2,7 @@
 
 from gemma4vl.models.arch import FULL, SLIDING, AttentionSpec, Gemma4Arch, RopeSpec
 from gemma4vl.models.gemma4vl_model import Gemma4VLModel, ImageTokenMismatch
-from gemma4vl.models.language_model import IGNORE_INDEX, Gemma4LanguageModel
+from gemma4vl.models.language_model import Gemma4LanguageModel
 
 __all__ = [
     "FULL",
@@ -13,5 +13,4 @@ __all__ = [
     "Gemma4VLModel",
     "Gemma4LanguageModel",
     "ImageTokenMismatch",
-    "IGNORE_INDEX",
 ]

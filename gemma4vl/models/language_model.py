@@ -21,10 +21,8 @@ from megatron.core.utils import get_pg_rank
 from gemma4vl.models.arch import Gemma4Arch
 from gemma4vl.models.attention_kernels import FlexBlockMasks
 from gemma4vl.models.layer import gemma4_block_spec
+from gemma4vl.labels import IGNORE_INDEX
 from gemma4vl.models.loss import softcapped_cross_entropy
-
-IGNORE_INDEX = -100
-"""Label value of positions that carry no loss."""
 
 
 class Gemma4LanguageModel(GPTModel):

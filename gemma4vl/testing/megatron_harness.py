@@ -6,36 +6,12 @@ Used by the bridge, export and training tests; not by the library itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class Batch:
-    """Model inputs (see :class:`gemma4vl.models.Gemma4VLModel`) and the HF equivalents."""
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    segment_ids: torch.Tensor
-    mm_token_type_ids: torch.Tensor
-    pixel_values: torch.Tensor | None
-    image_position_ids: torch.Tensor | None
-    labels: torch.Tensor | None = None
-
-    def model_kwargs(self) -> dict:
-        return dict(input_ids=self.input_ids, position_ids=self.position_ids, segment_ids=self.segment_ids,
-                    mm_token_type_ids=self.mm_token_type_ids, pixel_values=self.pixel_values,
-                    image_position_ids=self.image_position_ids)
-
-    def hf_kwargs(self) -> dict:
-        kwargs = dict(input_ids=self.input_ids, attention_mask=(self.segment_ids > 0).long(),
-                      mm_token_type_ids=self.mm_token_type_ids)
-        if self.pixel_values is not None:
-            kwargs.update(pixel_values=self.pixel_values, image_position_ids=self.image_position_ids)
-        return kwargs
+from gemma4vl.data.batch import Batch
 
 
 def synthetic_batch(config, *, seed: int = 0, batch: int = 2, seq: int = 24, images: bool = True,
@@ -71,7 +47,8 @@ def synthetic_batch(config, *, seed: int = 0, batch: int = 2, seq: int = 24, ima
         segment[-1, seq - pad:] = 0
         ids[-1, seq - pad:] = text.pad_token_id
     positions = torch.arange(seq).expand(batch, seq).clone()
-    return Batch(ids, positions, segment, mm, pv, pos)
+    return Batch(input_ids=ids, position_ids=positions, segment_ids=segment, mm_token_type_ids=mm,
+                 pixel_values=pv, image_position_ids=pos)
 
 
 def load_megatron(hf_dir: str | Path, *, params_dtype: torch.dtype = torch.float32, vision_attn: str = "eager",

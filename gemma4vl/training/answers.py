@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gemma4vl.data.batch import Batch
 from gemma4vl.data.images import to_pixel_values
 
 
@@ -38,6 +39,10 @@ class Probe:
     image: object
     """The first image (uint8 HWC tensor) for display, or None."""
 
+    def batch(self, image_token_id: int) -> Batch:
+        """The prompt as the model's one-row input (:meth:`Batch.from_prompt`)."""
+        return Batch.from_prompt(self.prompt_ids, image_token_id, self.pixel_values, self.image_position_ids)
+
 
 def load_probes(data_cfg, count: int) -> list[Probe]:
     """The first ``count`` questions of the validation split (nothing when there is no validation split)."""
@@ -62,19 +67,14 @@ def load_probes(data_cfg, count: int) -> list[Probe]:
 @torch.no_grad()
 def greedy_answer(model, probe: Probe, image_token_id: int, stop_ids: set[int], max_new_tokens: int = 8) -> list[int]:
     """Token ids the model generates for ``probe`` (greedy, up to a stop id or ``max_new_tokens``)."""
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(probe.prompt_ids, dtype=torch.long, device=device)[None]
-    pixels = probe.pixel_values.to(device) if probe.pixel_values is not None else None
-    positions = probe.image_position_ids.to(device) if probe.image_position_ids is not None else None
+    prompt = probe.batch(image_token_id).to(next(model.parameters()).device)
     generated: list[int] = []
     for _ in range(max_new_tokens):
-        s = ids.shape[1]
-        logits = model(input_ids=ids, position_ids=torch.arange(s, device=device)[None],
-                       segment_ids=torch.ones_like(ids), mm_token_type_ids=(ids == image_token_id).long(),
-                       pixel_values=pixels, image_position_ids=positions, runtime_gather_output=True)
+        logits = model(**prompt.model_kwargs(), runtime_gather_output=True)
         token = int(logits[0, -1].argmax())
         if token in stop_ids:
             break
         generated.append(token)
-        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+        ids = torch.cat([prompt.input_ids[0], prompt.input_ids.new_tensor([token])])
+        prompt = Batch.from_prompt(ids, image_token_id, prompt.pixel_values, prompt.image_position_ids)
     return generated

@@ -2,11 +2,11 @@
 to ``data.max_skipped_fraction`` together with the rows the length pass refused.
 
 The length pass (packing plan) reads every row, but an image whose header is valid and whose body is truncated
-only fails when it is decoded for training. The dataset skips such a row and reports it in the batch
-(``bad_rows``: row, reason, message; ``row_stats``: rows of the split, rows the length pass refused). The forward
-step hands each training batch to :class:`BadRowMonitor`; after every step :class:`BadRowCallback` sums the new
-ones over the data-parallel group, logs this rank's (the first ``log_limit``) and stops the run with an error
-naming the counts and the first rows once
+only fails when it is decoded for training. The dataset skips such a row and reports it with the batch
+(:class:`~gemma4vl.data.batch.RowReport`: ``bad_rows``: row, reason, message; ``row_stats``: rows of the split,
+rows the length pass refused). The forward step hands each training batch's report to :class:`BadRowMonitor`;
+after every step :class:`BadRowCallback` sums the new ones over the data-parallel group, logs this rank's (the
+first ``log_limit``) and stops the run with an error naming the counts and the first rows once
 
     rows refused by the length pass + rows skipped while training > max_skipped_fraction * rows of the split.
 """
@@ -18,6 +18,8 @@ import logging
 import torch
 import torch.distributed as dist
 from megatron.bridge.training.callbacks import Callback, CallbackContext
+
+from gemma4vl.data.batch import RowReport
 
 logger = logging.getLogger("gemma4vl.data")
 
@@ -39,11 +41,11 @@ class BadRowMonitor:
         self.logged = 0
         self.examples: list[str] = []
 
-    def record(self, batch: dict) -> None:
-        """Note the bad rows of one training micro batch."""
-        self.pending.extend(batch.get("bad_rows") or ())
-        if batch.get("row_stats") is not None:
-            self.row_stats = tuple(int(v) for v in batch["row_stats"])
+    def record(self, report: RowReport) -> None:
+        """Note the bad rows of one training micro batch (its :class:`~gemma4vl.data.batch.RowReport`)."""
+        self.pending.extend(report.bad_rows)
+        if report.row_stats is not None:
+            self.row_stats = tuple(int(v) for v in report.row_stats)
 
     def _reduce(self, count: int) -> int:
         if not dist.is_initialized():

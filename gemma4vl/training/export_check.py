@@ -12,25 +12,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gemma4vl.training.answers import Probe
 from gemma4vl.training.metrics import MetricsLog
 
 
 @torch.no_grad()
-def megatron_logits(model, probe, image_token_id: int) -> torch.Tensor:
+def megatron_logits(model, probe: Probe, image_token_id: int) -> torch.Tensor:
     """Full-vocabulary logits [1, s, V] of the prompt of ``probe`` (every rank takes part)."""
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(probe.prompt_ids, dtype=torch.long, device=device)[None]
+    batch = probe.batch(image_token_id).to(next(model.parameters()).device)
     model.eval()
-    logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
-                   segment_ids=torch.ones_like(ids), mm_token_type_ids=(ids == image_token_id).long(),
-                   pixel_values=None if probe.pixel_values is None else probe.pixel_values.to(device),
-                   image_position_ids=None if probe.image_position_ids is None else probe.image_position_ids.to(device),
-                   runtime_gather_output=True)
-    return logits.float().cpu()
+    return model(**batch.model_kwargs(), runtime_gather_output=True).float().cpu()
 
 
 @torch.no_grad()
-def hf_logits(export_dir: str | Path, probe, image_token_id: int, adapter_dir: str | Path | None = None) -> torch.Tensor:
+def hf_logits(export_dir: str | Path, probe: Probe, image_token_id: int,
+              adapter_dir: str | Path | None = None) -> torch.Tensor:
     """The same logits from the export, reloaded with transformers (float32, eager attention); with
     ``adapter_dir``: ``export_dir`` is the base checkpoint and the PEFT adapter is loaded onto it."""
     from transformers import Gemma4ForConditionalGeneration
@@ -41,11 +37,7 @@ def hf_logits(export_dir: str | Path, probe, image_token_id: int, adapter_dir: s
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    ids = torch.as_tensor(probe.prompt_ids, dtype=torch.long)[None]
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_token_id).long())
-    if probe.pixel_values is not None:
-        kwargs.update(pixel_values=probe.pixel_values, image_position_ids=probe.image_position_ids)
-    return model(**kwargs).logits.float()
+    return model(**probe.batch(image_token_id).hf_kwargs()).logits.float()
 
 
 def verify_export_logits(model, probe, image_token_id: int, export_dir, metrics: MetricsLog, step: int,
@@ -69,11 +61,9 @@ def verify_export_logits(model, probe, image_token_id: int, export_dir, metrics:
     return diff
 
 
-def synthetic_probe(hf_dir: str | Path, seed: int = 0, text_tokens: int = 24):
+def synthetic_probe(hf_dir: str | Path, seed: int = 0, text_tokens: int = 24) -> tuple[Probe, int]:
     """(probe, image token id): a deterministic prompt for checking an export without the run's data: random text
     tokens around one random image (a square of ``2k x 2k`` patches, so 4 soft tokens with pooling ``k``)."""
-    from types import SimpleNamespace
-
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(hf_dir))
@@ -91,5 +81,4 @@ def synthetic_probe(hf_dir: str | Path, seed: int = 0, text_tokens: int = 24):
     pixels = torch.rand(1, side * side, 3 * p * p, generator=g)
     yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     positions = torch.stack([xx.flatten(), yy.flatten()], -1)[None]
-    return SimpleNamespace(prompt_ids=prompt.numpy(), pixel_values=pixels, image_position_ids=positions), \
-        config.image_token_id
+    return Probe(prompt.numpy(), pixels, positions, question="", reference="", image=None), config.image_token_id

@@ -1,8 +1,9 @@
 """The forward step Megatron-Bridge's training loop calls once per micro batch.
 
-A batch is the data pipeline's collate output (:mod:`gemma4vl.data.collate`): the model's keyword inputs plus
-``labels`` (already shifted, ``-100`` where no loss is wanted: everything but assistant tokens). The model
-returns the per-token loss; the loss function reduces it to (sum, token count, metrics), so Megatron averages
+A batch is the data pipeline's :class:`~gemma4vl.data.batch.Batch` (the collator's output): the model's keyword
+inputs with ``labels`` (already shifted, ``IGNORE_INDEX`` where no loss is wanted: everything but assistant
+tokens), and the rows' bad-row report, which goes to the trainer's accounting. The model returns the per-token
+loss; the loss function reduces it to (sum, token count, metrics), so Megatron averages
 over the real target tokens of the whole global batch.
 """
 
@@ -15,10 +16,7 @@ import torch
 from megatron.bridge.training.losses import masked_next_token_loss
 from megatron.bridge.training.state import GlobalState
 
-from gemma4vl.models import IGNORE_INDEX
-
-MODEL_INPUTS = ("input_ids", "position_ids", "segment_ids", "mm_token_type_ids", "pixel_values",
-                "image_position_ids", "labels")
+from gemma4vl.data.batch import Batch
 
 
 def _device(model) -> torch.device:
@@ -36,8 +34,8 @@ class TokenCounter:
         self.real_tokens = 0
         self.samples = 0
 
-    def record(self, batch: dict) -> None:
-        segments = batch["segment_ids"]
+    def record(self, batch: Batch) -> None:
+        segments = batch.segment_ids
         self.real_tokens += int((segments > 0).sum())
         self.samples += int(segments.max(dim=-1).values.sum()) if segments.numel() else 0
 
@@ -64,17 +62,14 @@ def forward_step(state: GlobalState, data_iterator: Iterable, model, monitor=Non
     """One micro batch: (per-token loss [b, s], loss function)."""
     timers = state.timers
     timers("batch-generator", log_level=2).start()
-    batch = next(data_iterator)
+    batch: Batch = next(data_iterator)
     if monitor is not None and model.training:
-        monitor.record(batch)
+        monitor.record(batch.rows)
     if counter is not None and model.training:
         counter.record(batch)
-    device = _device(model)
-    inputs = {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None)
-              for k in MODEL_INPUTS}
+    batch = batch.to(_device(model), non_blocking=True)
     timers("batch-generator").stop()
-    loss_mask = (inputs["labels"] != IGNORE_INDEX).float()
-    output = model(**inputs)
+    output = model(**batch.model_kwargs())
     check_nan = state.cfg.rerun_state_machine.check_for_nan_in_loss
-    return output, partial(masked_next_token_loss, loss_mask, check_for_nan_in_loss=check_nan,
+    return output, partial(masked_next_token_loss, batch.loss_mask(), check_for_nan_in_loss=check_nan,
                            check_for_spiky_loss=False)

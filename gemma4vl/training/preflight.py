@@ -16,8 +16,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from gemma4vl.config.schema import DataConfig, RunConfig
+from gemma4vl.config.schema import RunConfig
 from gemma4vl.config.validate import ConfigError
+from gemma4vl.data.config import Gemma4VLDataConfig
 
 
 def latest_checkpoint_step(ckpt_dir: str | Path) -> int | None:
@@ -86,7 +87,7 @@ def check_outputs_apart_from_inputs(cfg: RunConfig, hf_dir: Path) -> None:
                                   f"{out_key} whole; choose another {out_key}")
 
 
-def check_data(d: DataConfig) -> None:
+def check_data(d: Gemma4VLDataConfig) -> None:
     """The training split (and the validation split, when configured) load and hold at least one row."""
     from gemma4vl.data.sources import load_source
 
