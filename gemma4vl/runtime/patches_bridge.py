@@ -15,8 +15,8 @@ The call sites were found by driving the loop the way ``megatron.bridge.training
 ``runtime_config_update``, ``setup.setup`` (initialisation, model, DDP with and without the distributed optimizer,
 optimizer, scheduler, checkpoint load, dataloaders), ``train.train`` (train step, timers, logging to the console,
 TensorBoard and offline Weights & Biases, evaluation, interval checkpoints in the ``torch_dist`` format, the
-SIGTERM handler) and ``train._finish_train``, on one process and on two gloo processes (data parallel with the
-distributed optimizer; tensor + sequence parallel).
+SIGTERM handler) and the end-of-run cleanup (async-save finalisation, ``destroy_global_state``), on one process
+and on two gloo processes (data parallel with the distributed optimizer; tensor + sequence parallel).
 
 When the patches are applied
 ----------------------------
