@@ -685,6 +685,11 @@ def test_megatron_bridge_conversion_imports_and_core_sees_no_te():
     from megatron.core.extensions import transformer_engine as mcore_te
 
     assert mcore_te.HAVE_TE is False
+    # ... and Megatron-Bridge's PEFT code knows it too (patches_bridge.WITHOUT_TE, applied by import_megatron_bridge
+    # on any device): otherwise LoRA isinstance-checks against Megatron-Core's MagicMock TE placeholders.
+    import megatron.bridge.peft.utils as peft_utils
+
+    assert peft_utils.HAVE_TE is False and peft_utils.HAVE_TE_COL_LINEAR is True
 
 
 # --------------------------------------------------------------------------------------------------------------
