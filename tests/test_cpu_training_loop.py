@@ -281,6 +281,7 @@ def finetune_job(job: Job) -> int:
     job.result_path(rank).write_text(json.dumps({
         "exit_status": exit_status, "steps": result.steps, "resumed_from": result.resumed_from,
         "preempted": result.preempted, "patched": _patched_state(), "rng_draws": draws,
+        "usr1_ignored_after_training": signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN,
     }))
     return exit_status
 
@@ -393,6 +394,7 @@ def reference_run(job_server, inputs, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     (result,) = run_job(job_server, Job(run_config(inputs, run_dir), "reference", all_reporting=True))
     assert result["exit_status"] == 0 and result["steps"] == TRAIN_ITERS and not result["preempted"], result
+    assert result["usr1_ignored_after_training"], result
     return {**result, "run_dir": run_dir, "losses": losses(run_dir, "loss"),
             "val_losses": losses(run_dir, "val_loss")}
 
@@ -470,6 +472,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_status(reference_
     # finetune reports the run as preempted and recipes.finetune exits with 75 (EXIT_PREEMPTED).
     stopped, _ = sigterm_run
     assert stopped["exit_status"] == 75 and stopped["preempted"] and stopped["steps"] == SAVE_AT, stopped
+    # A repeated SIGUSR1 while the stopped process shuts down must not turn its 75 into death by signal (138).
+    assert stopped["usr1_ignored_after_training"], stopped
     assert stopped["checkpoints"] == [f"iter_{SAVE_AT:07d}"]
     # It trained as the reference did until the signal (another process: see PINNED_RTOL), with the same draws.
     assert_close_by_step(stopped["losses"], {s: reference_run["losses"][s] for s in iterations(1, SAVE_AT)},

@@ -128,6 +128,11 @@ def finetune(cfg: RunConfig) -> FinetuneResult:
             print(f"resuming from the checkpoint of step {resumed_from} in {cfg.checkpoint.dir}", flush=True)
     _barrier()
     trained = _train(cfg, checked, resume=resumed_from is not None)
+    # Training is over: a SIGUSR1 from now on (the Slurm launcher repeats it every 30 s while the ranks live) must
+    # not end the process. Python restores its handled signals to the default action while the interpreter shuts
+    # down, and the default action of SIGUSR1 is to terminate: a rank that had saved and returned 75 died as 138.
+    # An ignored signal stays ignored through shutdown.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     steps, preempted = trained.state.train_state.step, trained.preempted
     export_dir = None
     if cfg.export.enabled and not preempted:
